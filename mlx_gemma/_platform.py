@@ -1,0 +1,59 @@
+"""Platform set-up that must run before `mlx` is first imported.
+
+On Linux, MLX's CPU wheel links a slow reference BLAS. When OpenBLAS is installed (Debian:
+`libopenblas0-pthread`), loading it first with RTLD_GLOBAL makes MLX's matrix products use it:
+float32 prefill is ~20x and decode ~2.5x faster. Set MLX_GEMMA_OPENBLAS=0 to skip it, or to a
+library path to choose one. `blas_note()` says what happened, for start-up logs.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import sys
+
+_CANDIDATES = (
+    "/usr/lib/x86_64-linux-gnu/libopenblas.so.0",
+    "/usr/lib/aarch64-linux-gnu/libopenblas.so.0",
+    "/usr/lib64/libopenblas.so.0",
+    "/usr/lib/libopenblas.so.0",
+)
+_note = "not Linux: MLX uses its own backend"
+
+
+def _find_openblas() -> str | None:
+    choice = os.environ.get("MLX_GEMMA_OPENBLAS", "")
+    if choice == "0":
+        return None
+    if choice:
+        return choice
+    found = [p for p in _CANDIDATES if os.path.exists(p)]
+    return found[0] if found else ctypes.util.find_library("openblas")
+
+
+def preload_openblas() -> None:
+    """Load OpenBLAS globally if on Linux, present, not disabled, and mlx not yet imported."""
+    global _note
+    if not sys.platform.startswith("linux"):
+        return
+    if "mlx.core" in sys.modules:
+        _note = "mlx was imported before mlx_gemma: OpenBLAS not preloaded"
+        return
+    path = _find_openblas()
+    if path is None:
+        _note = "OpenBLAS not found (apt-get install libopenblas0-pthread for ~20x faster prefill)"
+        return
+    try:
+        ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+        _note = f"OpenBLAS preloaded from {path}"
+    except OSError as exc:
+        _note = f"OpenBLAS at {path} failed to load: {exc}"
+
+
+def blas_note() -> str:
+    return _note
+
+
+def is_linux() -> bool:
+    return sys.platform.startswith("linux")
