@@ -1,0 +1,100 @@
+"""Request text -> prompt token ids: Gemma's turn template and raw mode.
+
+Contract:
+- `messages` render as `<bos>` then, per turn, `<start_of_turn>{role}\\n{content}<end_of_turn>\\n`,
+  then `<start_of_turn>model\\n`. Role `assistant` is written `model`. Content is trimmed, as
+  Gemma's own chat template does.
+- Gemma has no system role: system text is folded into the next user turn as
+  `{system}\\n\\n{user}` (as Gemma 3's template does), never dropped. System text with no user
+  turn after it becomes a user turn of its own.
+- `prompt` without raw is one user turn. With `raw=True` the prompt is tokenized as given
+  (special markers such as `<start_of_turn>` become their ids) and `<bos>` is added only if the
+  text does not already start with it.
+- Text inside messages and non-raw prompts cannot produce special ids.
+Errors are ValueError naming the bad value and how to fix it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from .tokenizer import GemmaTokenizer
+
+ROLE_NAMES = {"user": "user", "assistant": "model", "model": "model", "system": "system"}
+
+
+def prompt_ids(
+    tokenizer: GemmaTokenizer,
+    prompt: str | None = None,
+    messages: Sequence[Mapping[str, Any]] | None = None,
+    raw: bool = False,
+) -> list[int]:
+    """Token ids to prefill for a request given as a prompt or as chat messages."""
+    if (prompt is None) == (messages is None):
+        raise ValueError("give exactly one of prompt or messages (got both)" if prompt is not None
+                         else "give exactly one of prompt or messages (got neither)")
+    if messages is not None:
+        if raw:
+            raise ValueError("raw=True applies to prompt only: send the turns as a raw prompt instead")
+        return chat_ids(tokenizer, normalize_messages(messages))
+    _check_prompt(prompt)
+    if raw:
+        return raw_ids(tokenizer, prompt)
+    return chat_ids(tokenizer, [("user", prompt)])
+
+
+def _check_prompt(prompt: Any) -> None:
+    if not isinstance(prompt, str):
+        raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")
+    if not prompt:
+        raise ValueError("prompt is empty: send at least one character")
+
+
+def raw_ids(tokenizer: GemmaTokenizer, prompt: str) -> list[int]:
+    ids = tokenizer.encode(prompt, parse_special=True)
+    return ids if ids[:1] == [tokenizer.bos_id] else [tokenizer.bos_id, *ids]
+
+
+def normalize_messages(messages: Sequence[Mapping[str, Any]]) -> list[tuple[str, str]]:
+    """Validate messages; return (role, content) turns with system text folded in."""
+    if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence) or not messages:
+        raise ValueError("messages must be a non-empty list of {role, content} objects")
+    turns: list[tuple[str, str]] = []
+    pending_system: list[str] = []
+    for index, message in enumerate(messages):
+        role, content = _check_message(index, message)
+        if role == "system":
+            pending_system.append(content)
+        elif role == "user" and pending_system:
+            turns.append(("user", "\n\n".join(pending_system) + "\n\n" + content.strip()))
+            pending_system = []
+        else:
+            turns.append((role, content))
+    if pending_system:
+        turns.append(("user", "\n\n".join(pending_system)))
+    return turns
+
+
+def _check_message(index: int, message: Any) -> tuple[str, str]:
+    if not isinstance(message, Mapping):
+        raise ValueError(f"messages[{index}] must be an object with role and content")
+    role, content = message.get("role"), message.get("content")
+    if role not in ROLE_NAMES:
+        raise ValueError(f"messages[{index}].role={role!r} is not supported: use user, assistant (or model) or system")
+    if not isinstance(content, str):
+        raise ValueError(f"messages[{index}].content must be a string, got {type(content).__name__}")
+    return ROLE_NAMES[role], content
+
+
+def chat_ids(tokenizer: GemmaTokenizer, turns: Sequence[tuple[str, str]]) -> list[int]:
+    """Gemma turn template over (role, content) turns, ending with the model's turn opener.
+
+    Each stretch of text between special tokens is encoded as one piece, exactly as encoding
+    the rendered template string with the special tokens split out.
+    """
+    ids = [tokenizer.bos_id]
+    for role, content in turns:
+        ids += [tokenizer.start_of_turn_id, *tokenizer.encode(f"{role}\n{content.strip()}")]
+        ids += [tokenizer.end_of_turn_id, *tokenizer.encode("\n")]
+    return ids + [tokenizer.start_of_turn_id, *tokenizer.encode("model\n")]

@@ -1,0 +1,105 @@
+"""Gemma tokenizer: text <-> token ids, stop ids, and a streaming detokenizer.
+
+Contract:
+- `encode(text, parse_special=False)` never adds <bos>. With parse_special=False, text such as
+  "<start_of_turn>" in user input is tokenized as plain characters, so a message cannot forge a
+  turn; with parse_special=True (raw prompts) such markers become their special ids.
+- `decode(ids)` drops special tokens.
+- `stop_ids` holds <eos>, <end_of_turn> and any eos id of generation_config.json.
+- `StreamingDetokenizer` turns ids into text pieces whose concatenation equals
+  `decode(all ids)`: it never emits a split UTF-8 character (byte-fallback tokens are held until
+  the character completes) and keeps each piece's leading space.
+Reads a Hugging Face `tokenizer.json` with the `tokenizers` library.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+from tokenizers import Tokenizer
+
+STOP_TOKENS = ("<eos>", "<end_of_turn>")
+REPLACEMENT_CHAR = "\ufffd"
+
+
+class GemmaTokenizer:
+    def __init__(self, raw: Tokenizer, extra_stop_ids: Iterable[int] = ()):
+        self._raw = raw
+        self._plain = Tokenizer.from_str(raw.to_str())
+        self._plain.encode_special_tokens = True
+        self.bos_id = self._required_id("<bos>")
+        self.eos_id = self._required_id("<eos>")
+        self.start_of_turn_id = self._required_id("<start_of_turn>")
+        self.end_of_turn_id = self._required_id("<end_of_turn>")
+        self.stop_ids = frozenset([self.eos_id, self.end_of_turn_id, *extra_stop_ids])
+        self.vocab_size = raw.get_vocab_size()
+
+    @classmethod
+    def from_dir(cls, path: str | Path) -> "GemmaTokenizer":
+        path = Path(path)
+        raw = Tokenizer.from_file(str(path / "tokenizer.json"))
+        return cls(raw, _generation_eos_ids(path))
+
+    def _required_id(self, token: str) -> int:
+        token_id = self._raw.token_to_id(token)
+        if token_id is None:
+            raise ValueError(f"tokenizer has no {token} token: this is not a Gemma tokenizer")
+        return token_id
+
+    def encode(self, text: str, parse_special: bool = False) -> list[int]:
+        tokenizer = self._raw if parse_special else self._plain
+        return tokenizer.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self._raw.decode(list(ids), skip_special_tokens=True)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._raw.token_to_id(token)
+
+    def detokenizer(self) -> "StreamingDetokenizer":
+        return StreamingDetokenizer(self)
+
+
+def _generation_eos_ids(path: Path) -> list[int]:
+    config_file = path / "generation_config.json"
+    if not config_file.exists():
+        return []
+    eos = json.loads(config_file.read_text()).get("eos_token_id")
+    return [eos] if isinstance(eos, int) else list(eos or [])
+
+
+class StreamingDetokenizer:
+    """Feed ids one at a time with `add`; each call returns the text that became final.
+
+    It decodes the ids since the last safe point (a boundary where the text had no pending
+    partial character) and emits only the new suffix, so the cost per token is bounded by the
+    segment, which restarts once it has grown and ends on a complete character.
+    """
+
+    segment_limit = 16
+
+    def __init__(self, tokenizer: GemmaTokenizer):
+        self._tokenizer = tokenizer
+        self._segment: list[int] = []
+        self._emitted = 0  # characters of the segment's text already returned
+
+    def add(self, token_id: int) -> str:
+        self._segment.append(token_id)
+        text = self._tokenizer.decode(self._segment)
+        if text.endswith(REPLACEMENT_CHAR):
+            return ""  # a character is still incomplete: wait for its next bytes
+        piece = text[self._emitted :]
+        if len(self._segment) >= self.segment_limit:
+            self._segment, self._emitted = [], 0
+        else:
+            self._emitted = len(text)
+        return piece
+
+    def flush(self) -> str:
+        """Return whatever is held back (an incomplete character decodes as U+FFFD)."""
+        text = self._tokenizer.decode(self._segment)
+        piece = text[self._emitted :]
+        self._segment, self._emitted = [], 0
+        return piece

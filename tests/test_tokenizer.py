@@ -1,0 +1,65 @@
+"""Tokenizer: stop ids, special-token handling, and the streaming detokenizer."""
+
+from __future__ import annotations
+
+import pytest
+
+from mlx_gemma.tokenizer import GemmaTokenizer
+
+TEXTS = [
+    " héllo wörld, 日本語のテキスト and émojis 🙂🚀 at the end",
+    "Water boils at a temperature of 100°C — ça va? ",
+    "  leading spaces, then\nnew lines\n\n and ∑ symbols ∞",
+]
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_dir) -> GemmaTokenizer:
+    return GemmaTokenizer.from_dir(tiny_dir)
+
+
+def test_special_ids_and_stop_ids(tok):
+    assert (tok.bos_id, tok.eos_id, tok.start_of_turn_id, tok.end_of_turn_id) == (2, 1, 5, 6)
+    assert tok.stop_ids == frozenset({1, 6})
+
+
+def test_round_trip_and_byte_fallback(tok):
+    ids = tok.encode("日本")
+    assert len(ids) == 6  # two 3-byte characters, one byte token each byte
+    assert tok.decode(ids) == "日本"
+    assert tok.decode([2, *tok.encode("Hi"), 6]) == "Hi"
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_streamed_pieces_join_to_the_full_decode(tok, text):
+    ids = tok.encode(text)
+    detok = tok.detokenizer()
+    pieces = [detok.add(i) for i in ids] + [detok.flush()]
+    assert "".join(pieces) == tok.decode(ids) == text
+    assert all("\ufffd" not in piece for piece in pieces)
+
+
+def test_pieces_wait_for_complete_characters(tok):
+    detok = tok.detokenizer()
+    pieces = [detok.add(i) for i in tok.encode("🙂")]
+    assert pieces == ["", "", "", "🙂"]
+
+
+def test_leading_space_is_kept(tok):
+    detok = tok.detokenizer()
+    pieces = [detok.add(i) for i in tok.encode("Hi there")]
+    assert "".join(pieces) == "Hi there" and any(p.startswith(" ") for p in pieces)
+
+
+def test_long_streams_restart_segments_without_loss(tok):
+    text = " ".join(TEXTS) * 4
+    ids = tok.encode(text)
+    assert len(ids) > 3 * tok.detokenizer().segment_limit
+    detok = tok.detokenizer()
+    assert "".join(detok.add(i) for i in ids) + detok.flush() == text
+
+
+def test_incomplete_character_is_flushed_at_the_end(tok):
+    detok = tok.detokenizer()
+    assert detok.add(tok.encode("日")[0]) == ""
+    assert detok.flush() == "\ufffd"
