@@ -1,0 +1,36 @@
+"""mlx-gemma: Gemma on MLX with per-request LoRA, served on the Workers AI API.
+
+    import mlx_gemma
+    rt = mlx_gemma.load("google/gemma-2b-it")
+    print(rt.generate(prompt="Why is the sky blue?", max_tokens=64).text)
+
+Importing this package before `mlx` lets it preload OpenBLAS on Linux (see _platform).
+"""
+
+from __future__ import annotations
+
+from . import _platform
+
+_platform.preload_openblas()
+
+from pathlib import Path  # noqa: E402
+
+from .loading import ModelLoadError, load_model  # noqa: E402
+from .runtime import GenerationResult, Runtime, TextStream, Usage  # noqa: E402
+from .sampler import GenerationParams  # noqa: E402
+
+__all__ = ["load", "Runtime", "GenerationParams", "GenerationResult", "TextStream", "Usage", "ModelLoadError"]
+__version__ = "0.1.0"
+
+
+def load(model: str | Path, adapters: dict[str, str] | None = None, dtype: str | None = None,
+         quantize: int | None = None) -> Runtime:
+    """Load a model (a local directory or a Hugging Face id) and return a Runtime.
+
+    dtype: float32, float16 or bfloat16 (default: float32 on Linux, the checkpoint's on macOS).
+    quantize: 4 or 8 to quantize the weights with MLX after loading.
+    """
+    runtime = Runtime(load_model(model, dtype=dtype, quantize=quantize))
+    for name, path in (adapters or {}).items():
+        runtime.add_adapter(name, path)
+    return runtime

@@ -1,0 +1,144 @@
+"""Runtime: a loaded model + tokenizer + chat template + engine, as one Python object.
+
+Contract (the public Python API; other code relies on these names):
+- `Runtime.generate(prompt=None, messages=None, raw=False, lora=None, max_tokens=256,
+  temperature=0.6, top_p=None, top_k=None, seed=None, repetition_penalty=None,
+  frequency_penalty=None, presence_penalty=None) -> GenerationResult` with `.text`,
+  `.usage` (prompt_tokens, completion_tokens, total_tokens) and `.finish_reason`.
+- `Runtime.stream(...)`, same arguments: a `TextStream` yielding text pieces; its `.usage` and
+  `.finish_reason` are set once it is exhausted.
+- `Runtime.logits(token_ids, lora=None)`: float32 numpy array (len(token_ids), vocab_size).
+Arguments are validated before any compute; a bad one raises ValueError naming it. MLX work
+is serialized by a lock, so a Runtime may be shared between threads.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import mlx.core as mx
+import numpy as np
+
+from .chat import prompt_ids
+from .engine import StepOutput, check_prompt_length, generate_tokens
+from .loading import LoadedModel
+from .sampler import GenerationParams
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    def to_dict(self) -> dict[str, int]:
+        return {**asdict(self), "total_tokens": self.total_tokens}
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    text: str
+    usage: Usage
+    finish_reason: str
+    token_ids: list[int] = field(repr=False)
+
+
+class TextStream:
+    """Iterator of text pieces for one request; usage and finish_reason are set at the end."""
+
+    def __init__(self, steps: Iterator[StepOutput], detokenizer: Any, n_prompt: int, stop_ids: frozenset[int]):
+        self._pieces = self._run(steps, detokenizer, stop_ids)
+        self.token_ids: list[int] = []
+        self.usage = Usage(n_prompt, 0)
+        self.finish_reason: str | None = None
+
+    def _run(self, steps: Iterator[StepOutput], detokenizer: Any, stop_ids: frozenset[int]) -> Iterator[str]:
+        for step in steps:
+            self.token_ids.append(step.token)
+            self.usage = Usage(self.usage.prompt_tokens, len(self.token_ids))
+            piece = "" if step.token in stop_ids else detokenizer.add(step.token)
+            if step.finish_reason:
+                self.finish_reason = step.finish_reason
+                piece += detokenizer.flush()
+            if piece:
+                yield piece
+
+    def __iter__(self) -> "TextStream":
+        return self
+
+    def __next__(self) -> str:
+        return next(self._pieces)
+
+
+class Runtime:
+    def __init__(self, loaded: LoadedModel):
+        self.loaded = loaded
+        self.model = loaded.model
+        self.tokenizer = loaded.tokenizer
+        self.name = loaded.name
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"Runtime(model={self.name!r}, dtype={self.loaded.dtype}, quantization={self.loaded.quantization})"
+
+    def _check_lora(self, lora: str | None) -> None:
+        if lora is not None:
+            raise ValueError(f"lora={lora!r}: no adapter of that name is loaded")
+
+    def prepare(self, prompt: str | None = None, messages: Sequence[Mapping[str, Any]] | None = None,
+                raw: bool = False, lora: str | None = None, **sampling: Any) -> tuple[list[int], GenerationParams]:
+        """Validate a request and return its prompt token ids and generation parameters."""
+        params = GenerationParams(**sampling).validate()
+        self._check_lora(lora)
+        ids = prompt_ids(self.tokenizer, prompt=prompt, messages=messages, raw=raw)
+        check_prompt_length(len(ids), self.loaded.context_length)
+        return ids, params
+
+    def _locked_steps(self, ids: list[int], params: GenerationParams) -> Iterator[StepOutput]:
+        with self._lock:
+            yield from generate_tokens(self.model, ids, params, self.tokenizer.stop_ids, self.loaded.context_length)
+
+    def stream(self, prompt: str | None = None, messages: Sequence[Mapping[str, Any]] | None = None,
+               raw: bool = False, lora: str | None = None, max_tokens: int = 256, temperature: float = 0.6,
+               top_p: float | None = None, top_k: int | None = None, seed: int | None = None,
+               repetition_penalty: float | None = None, frequency_penalty: float | None = None,
+               presence_penalty: float | None = None) -> TextStream:
+        ids, params = self.prepare(prompt, messages, raw, lora, max_tokens=max_tokens, temperature=temperature,
+                                   top_p=top_p, top_k=top_k, seed=seed, repetition_penalty=repetition_penalty,
+                                   frequency_penalty=frequency_penalty, presence_penalty=presence_penalty)
+        steps = self._locked_steps(ids, params)
+        return TextStream(steps, self.tokenizer.detokenizer(), len(ids), self.tokenizer.stop_ids)
+
+    def generate(self, prompt: str | None = None, messages: Sequence[Mapping[str, Any]] | None = None,
+                 raw: bool = False, lora: str | None = None, max_tokens: int = 256, temperature: float = 0.6,
+                 top_p: float | None = None, top_k: int | None = None, seed: int | None = None,
+                 repetition_penalty: float | None = None, frequency_penalty: float | None = None,
+                 presence_penalty: float | None = None) -> GenerationResult:
+        stream = self.stream(prompt, messages, raw, lora, max_tokens, temperature, top_p, top_k, seed,
+                             repetition_penalty, frequency_penalty, presence_penalty)
+        text = "".join(stream)
+        return GenerationResult(text, stream.usage, stream.finish_reason or "length", stream.token_ids)
+
+    def logits(self, token_ids: Sequence[int], lora: str | None = None) -> np.ndarray:
+        """Logits of every position for the given ids, in one forward pass without cache."""
+        self._check_lora(lora)
+        ids = _check_token_ids(token_ids, self.model.args.vocab_size)
+        with self._lock:
+            out = self.model(mx.array(ids, dtype=mx.int32)[None])[0].astype(mx.float32)
+            return np.array(out)
+
+
+def _check_token_ids(token_ids: Sequence[int], vocab_size: int) -> list[int]:
+    ids = [int(t) for t in token_ids]
+    if not ids:
+        raise ValueError("token_ids is empty: pass at least one id")
+    bad = [t for t in ids if not 0 <= t < vocab_size]
+    if bad:
+        raise ValueError(f"token id {bad[0]} is out of range: ids must be in 0..{vocab_size - 1}")
+    return ids

@@ -1,0 +1,54 @@
+"""`mlx-gemma generate`: streams the same text as the Python API; bad values exit non-zero."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mlx_gemma", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_generate_prints_the_api_text(tiny_dir, runtime):
+    done = cli("generate", "--model", str(tiny_dir), "--prompt", "Water boils at", "--raw",
+               "--temperature", "0", "--max-tokens", "10")
+    assert done.returncode == 0, done.stderr
+    expected = runtime.generate(prompt="Water boils at", raw=True, temperature=0, max_tokens=10).text
+    assert done.stdout == expected + "\n"
+    assert "tokens/s" in done.stderr
+
+
+def test_generate_messages_and_sampling_flags(tiny_dir, runtime):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"}]
+    flags = dict(temperature=1.2, top_p=0.9, top_k=20, seed=42, repetition_penalty=1.1,
+                 frequency_penalty=0.5, presence_penalty=0.5, max_tokens=12)
+    args = [f"--{k.replace('_', '-')}={v}" for k, v in flags.items()]
+    done = cli("generate", "--model", str(tiny_dir), "--messages", json.dumps(messages), *args)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == runtime.generate(messages=messages, **flags).text + "\n"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--prompt", "x", "--temperature", "9"], "temperature=9.0 is out of range"),
+    (["--prompt", "x", "--top-k", "0"], "top_k=0 is out of range"),
+    (["--prompt", ""], "prompt is empty"),
+    (["--messages", "[not json"], "--messages is not valid JSON"),
+])
+def test_bad_values_exit_non_zero(tiny_dir, args, message):
+    done = cli("generate", "--model", str(tiny_dir), *args)
+    assert done.returncode == 2
+    assert message in done.stderr
+
+
+def test_unknown_model_path_exits_non_zero():
+    done = cli("generate", "--model", "/no/such/model", "--prompt", "x")
+    assert done.returncode == 2 and "no model directory at '/no/such/model'" in done.stderr
+
+
+def test_prompt_and_messages_together_are_refused(tiny_dir):
+    done = cli("generate", "--model", str(tiny_dir), "--prompt", "x", "--messages", "[]")
+    assert done.returncode == 2 and "not allowed with argument" in done.stderr

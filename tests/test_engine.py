@@ -1,0 +1,75 @@
+"""Engine over token ids, tested with a scripted mock model (no weights)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import mlx.core as mx
+import pytest
+
+from mlx_gemma import engine
+from mlx_gemma.engine import generate_tokens
+from mlx_gemma.sampler import GenerationParams
+
+VOCAB = 32
+STOP = frozenset({1, 6})
+
+
+class ScriptedModel:
+    """Predicts script[position] at every position; records the lengths it was called with."""
+
+    def __init__(self, script: list[int], n_layers: int = 2):
+        self.script = script
+        self.layers = [None] * n_layers
+        self.args = SimpleNamespace(vocab_size=VOCAB)
+        self.calls: list[int] = []
+
+    def __call__(self, inputs: mx.array, cache=None, last_only: bool = False) -> mx.array:
+        batch, length = inputs.shape
+        start = cache[0].offset
+        for layer_cache in cache:
+            layer_cache.update_and_fetch(mx.zeros((batch, 1, length, 2)), mx.zeros((batch, 1, length, 2)))
+        self.calls.append(length)
+        positions = range(start + length - 1, start + length) if last_only else range(start, start + length)
+        rows = [mx.eye(VOCAB)[self.script[p % len(self.script)]] * 10 for p in positions]
+        return mx.stack(rows)[None]
+
+
+def run(model, prompt, **params):
+    steps = list(generate_tokens(model, prompt, GenerationParams(temperature=0, **params), STOP, 64))
+    return [s.token for s in steps], [s.finish_reason for s in steps]
+
+
+def test_stops_on_stop_id_and_counts_it():
+    tokens, reasons = run(ScriptedModel([9, 9, 9, 10, 11, 6, 12]), [2, 3, 4])
+    assert tokens == [9, 10, 11, 6]  # position 2 (the last prompt token) predicts script[2]
+    assert reasons == [None, None, None, "stop"]
+
+
+def test_stops_on_eos_too():
+    tokens, reasons = run(ScriptedModel([9, 9, 13, 1]), [2, 3])
+    assert (tokens, reasons[-1]) == ([9, 13, 1], "stop")
+
+
+def test_max_tokens_gives_length_and_no_extra_step():
+    model = ScriptedModel([7])
+    tokens, reasons = run(model, [2, 3], max_tokens=4)
+    assert tokens == [7, 7, 7, 7] and reasons == [None, None, None, "length"]
+    assert model.calls == [2, 1, 1, 1]  # one prefill + three decode steps: nothing computed past the limit
+
+
+def test_context_limit_ends_with_length():
+    steps = list(generate_tokens(ScriptedModel([7]), list(range(60)), GenerationParams(temperature=0), STOP, 64))
+    assert len(steps) == 4 and steps[-1].finish_reason == "length"
+
+
+def test_prompt_too_long_is_refused():
+    with pytest.raises(ValueError, match="the prompt has 64 tokens but the model's context holds 64"):
+        list(generate_tokens(ScriptedModel([7]), list(range(64)), GenerationParams(), STOP, 64))
+
+
+def test_long_prompt_is_prefilled_in_chunks(monkeypatch):
+    monkeypatch.setattr(engine, "PREFILL_CHUNK", 8)
+    model = ScriptedModel([7])
+    steps = list(generate_tokens(model, list(range(20)), GenerationParams(temperature=0, max_tokens=2), STOP, 64))
+    assert model.calls == [8, 8, 4, 1] and [s.token for s in steps] == [7, 7]
