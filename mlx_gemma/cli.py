@@ -1,4 +1,4 @@
-"""Command line: `mlx-gemma generate ...`.
+"""Command line: `mlx-gemma generate ...` and `mlx-gemma fuse ...`.
 
 Each subcommand parses its flags, calls the Python API, and turns a bad value into one line
 on stderr naming it, with exit status 2.
@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 from collections.abc import Sequence
 from typing import Any
 
@@ -58,18 +59,31 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--prompt", help="the prompt (a user turn, or as given with --raw)")
     source.add_argument("--messages", type=_messages_arg, help="chat messages as JSON, or @file.json")
     gen.add_argument("--raw", action="store_true", help="tokenize the prompt as given (no chat template)")
+    gen.add_argument("--adapter", help="a LoRA adapter directory (PEFT or mlx-lm files) to apply")
+    gen.add_argument("--fuse", action="store_true", help="merge --adapter into the weights instead")
     add_sampling_flags(gen)
     gen.set_defaults(func=cmd_generate)
+    fuse = commands.add_parser("fuse", help="merge a LoRA adapter into a model and write a checkpoint")
+    add_model_flags(fuse)
+    fuse.add_argument("--adapter", required=True, help="the LoRA adapter directory")
+    fuse.add_argument("--out", required=True, help="directory for the fused checkpoint")
+    fuse.set_defaults(func=cmd_fuse)
     return parser
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
     import mlx_gemma
 
-    runtime = mlx_gemma.load(args.model, dtype=args.dtype, quantize=args.quantize)
+    if args.fuse and not args.adapter:
+        raise ValueError("--fuse needs --adapter PATH: the adapter to merge")
+    adapters = {Path(args.adapter).name: args.adapter} if args.adapter else None
+    fuse = Path(args.adapter).name if args.fuse else None
+    runtime = mlx_gemma.load(args.model, adapters=adapters, dtype=args.dtype, quantize=args.quantize, fuse=fuse)
     print(f"[{runtime!r}; {_platform.blas_note()}]", file=sys.stderr)
+    lora = None if args.fuse or not args.adapter else Path(args.adapter).name
     start = time.perf_counter()
-    stream = runtime.stream(prompt=args.prompt, messages=args.messages, raw=args.raw, **sampling_kwargs(args))
+    stream = runtime.stream(prompt=args.prompt, messages=args.messages, raw=args.raw, lora=lora,
+                            **sampling_kwargs(args))
     for piece in stream:
         sys.stdout.write(piece)
         sys.stdout.flush()
@@ -81,11 +95,25 @@ def cmd_generate(args: argparse.Namespace) -> None:
           file=sys.stderr)
 
 
+def cmd_fuse(args: argparse.Namespace) -> None:
+    import mlx_gemma
+    from .loading import save_checkpoint
+
+    name = Path(args.adapter).name
+    runtime = mlx_gemma.load(args.model, adapters={name: args.adapter}, dtype=args.dtype,
+                             quantize=args.quantize, fuse=name)
+    out = save_checkpoint(runtime.loaded, runtime.model, args.out)
+    fused = runtime.fused
+    print(f"wrote {out}: adapter {name} ({fused['format']}, rank {fused['rank']}, {fused['modules']} layers) "
+          f"fused into {args.model}; weights are dense {runtime.loaded.dtype}"
+          + (" (quantized layers were dequantized)" if runtime.loaded.quantization else ""))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, ModelLoadError) as exc:
+    except (ValueError, ModelLoadError, RuntimeError) as exc:
         print(f"mlx-gemma: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import mlx.nn as nn
 
+from .lora.layers import set_rows
 from .models.cache import KVCache, make_cache
 from .sampler import GenerationParams, RowSampler, sample
 
@@ -57,8 +58,11 @@ def generate_tokens(
     params: GenerationParams,
     stop_ids: frozenset[int],
     context_length: int,
+    adapter_slot: int = 0,
 ) -> Iterator[StepOutput]:
+    """adapter_slot: the resident LoRA adapter this request uses (0 = the base model alone)."""
     check_prompt_length(len(prompt_ids), context_length)
+    set_rows(model, [adapter_slot])
     limit = min(params.max_tokens, context_length - len(prompt_ids))
     cache = make_cache(len(model.layers))
     row = RowSampler(params, prompt_ids, model.args.vocab_size)

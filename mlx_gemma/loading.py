@@ -178,3 +178,36 @@ def load_model(model: str | Path, dtype: str | None = None, quantize: int | None
     tokenizer = read_tokenizer(path)
     built, scheme = build_model(config, read_weights(path), chosen, quantize)
     return LoadedModel(built, tokenizer, config, path, str(model), chosen, scheme)
+
+
+def _dense_weights(model: nn.Module) -> dict[str, mx.array]:
+    """Every parameter under its Hugging Face name, quantized layers dequantized."""
+    from mlx.utils import tree_flatten
+
+    quantized = {path: m for path, m in model.named_modules()
+                 if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))}
+    weights = {}
+    for name, value in tree_flatten(model.parameters()):
+        owner, leaf = name.rsplit(".", 1)
+        if owner not in quantized:
+            weights[name] = value
+        elif leaf == "weight":  # scales and biases fold into the dequantized weight
+            m = quantized[owner]
+            weights[name] = mx.dequantize(m.weight, m.scales, m.biases, m.group_size, m.bits)
+    return weights
+
+
+def save_checkpoint(loaded: LoadedModel, model: nn.Module, out_dir: str | Path) -> Path:
+    """Write a plain Hugging Face checkpoint (dense weights in the model's dtype) with the tokenizer."""
+    import shutil
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    weights = {k: v.astype(DTYPES[loaded.dtype]) for k, v in _dense_weights(model).items()}
+    mx.save_safetensors(str(out / "model.safetensors"), weights, metadata={"format": "pt"})
+    config = {k: v for k, v in loaded.config.items() if k not in ("quantization", "quantization_config")}
+    (out / "config.json").write_text(json.dumps({**config, "torch_dtype": loaded.dtype}, indent=2) + "\n")
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
+        if (loaded.path / name).exists():
+            shutil.copy(loaded.path / name, out / name)
+    return out

@@ -8,12 +8,16 @@ Contract (the public Python API; other code relies on these names):
 - `Runtime.stream(...)`, same arguments: a `TextStream` yielding text pieces; its `.usage` and
   `.finish_reason` are set once it is exhausted.
 - `Runtime.logits(token_ids, lora=None)`: float32 numpy array (len(token_ids), vocab_size).
+- `Runtime.add_adapter(name, path)`, `remove_adapter(name)`, `adapters()`: LoRA adapters
+  (PEFT or mlx-lm files) kept resident beside the shared base weights; `lora="name"` picks
+  one per call with no reload. `fuse_adapter(name, path)` merges one into the weights.
 Arguments are validated before any compute; a bad one raises ValueError naming it. MLX work
 is serialized by a lock, so a Runtime may be shared between threads.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -25,6 +29,9 @@ import numpy as np
 from .chat import prompt_ids
 from .engine import StepOutput, check_prompt_length, generate_tokens
 from .loading import LoadedModel
+from .lora import layers
+from .lora.adapters import FAMILIES
+from .lora.store import AdapterRegistry
 from .sampler import GenerationParams
 
 
@@ -77,19 +84,63 @@ class TextStream:
 
 
 class Runtime:
-    def __init__(self, loaded: LoadedModel):
+    def __init__(self, loaded: LoadedModel, max_resident_adapters: int = 8):
         self.loaded = loaded
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.name = loaded.name
+        self.fused: dict[str, Any] | None = None
         self._lock = threading.Lock()
+        family = FAMILIES[loaded.config["model_type"]]
+        self.registry = AdapterRegistry(self.model, family, max_resident=max_resident_adapters)
 
     def __repr__(self) -> str:
-        return f"Runtime(model={self.name!r}, dtype={self.loaded.dtype}, quantization={self.loaded.quantization})"
+        fused = f", fused={self.fused['name']!r}" if self.fused else ""
+        return f"Runtime(model={self.name!r}, dtype={self.loaded.dtype}, quantization={self.loaded.quantization}{fused})"
+
+    def add_adapter(self, name: str, path: str) -> dict[str, Any]:
+        """Validate and load a LoRA adapter directory under `name`; replaces one of that name."""
+        with self._lock:
+            return self.registry.add(name, path).describe()
+
+    def remove_adapter(self, name: str) -> None:
+        try:
+            with self._lock:
+                self.registry.remove(name)
+        except KeyError:
+            raise ValueError(f"no adapter named {name!r}: loaded are {self.registry.names()}") from None
+
+    def adapters(self) -> list[dict[str, Any]]:
+        return self.registry.describe()
+
+    def fuse_adapter(self, name: str, path: str) -> dict[str, Any]:
+        """Merge an adapter into the base weights for zero overhead; it then serves every request."""
+        with self._lock:
+            if self.registry.names():
+                raise ValueError("fuse before adding resident adapters: they were validated against the unfused base")
+            adapter = self.registry.read(name, path)
+            dequantized = layers.fuse(self.model, adapter)
+        self.fused = {**adapter.describe(), "dequantized_layers": dequantized,
+                      "precision": _fused_precision(self.loaded, dequantized)}
+        return self.fused
 
     def _check_lora(self, lora: str | None) -> None:
-        if lora is not None:
-            raise ValueError(f"lora={lora!r}: no adapter of that name is loaded")
+        if lora is None or (self.fused and lora == self.fused["name"]):
+            return
+        if not isinstance(lora, str) or lora not in self.registry.names():
+            raise ValueError(f"lora={lora!r}: no adapter of that name is loaded "
+                             f"(loaded: {', '.join(self.registry.names()) or 'none'})")
+
+    @contextlib.contextmanager
+    def _adapter_slot(self, lora: str | None) -> Iterator[int]:
+        if lora is None or (self.fused and lora == self.fused["name"]):
+            yield 0
+            return
+        slot = self.registry.acquire(lora)
+        try:
+            yield slot
+        finally:
+            self.registry.release(lora)
 
     def prepare(self, prompt: str | None = None, messages: Sequence[Mapping[str, Any]] | None = None,
                 raw: bool = False, lora: str | None = None, **sampling: Any) -> tuple[list[int], GenerationParams]:
@@ -100,9 +151,10 @@ class Runtime:
         check_prompt_length(len(ids), self.loaded.context_length)
         return ids, params
 
-    def _locked_steps(self, ids: list[int], params: GenerationParams) -> Iterator[StepOutput]:
-        with self._lock:
-            yield from generate_tokens(self.model, ids, params, self.tokenizer.stop_ids, self.loaded.context_length)
+    def _locked_steps(self, ids: list[int], params: GenerationParams, lora: str | None) -> Iterator[StepOutput]:
+        with self._lock, self._adapter_slot(lora) as slot:
+            yield from generate_tokens(self.model, ids, params, self.tokenizer.stop_ids,
+                                       self.loaded.context_length, adapter_slot=slot)
 
     def stream(self, prompt: str | None = None, messages: Sequence[Mapping[str, Any]] | None = None,
                raw: bool = False, lora: str | None = None, max_tokens: int = 256, temperature: float = 0.6,
@@ -112,7 +164,7 @@ class Runtime:
         ids, params = self.prepare(prompt, messages, raw, lora, max_tokens=max_tokens, temperature=temperature,
                                    top_p=top_p, top_k=top_k, seed=seed, repetition_penalty=repetition_penalty,
                                    frequency_penalty=frequency_penalty, presence_penalty=presence_penalty)
-        steps = self._locked_steps(ids, params)
+        steps = self._locked_steps(ids, params, lora)
         return TextStream(steps, self.tokenizer.detokenizer(), len(ids), self.tokenizer.stop_ids)
 
     def generate(self, prompt: str | None = None, messages: Sequence[Mapping[str, Any]] | None = None,
@@ -129,9 +181,17 @@ class Runtime:
         """Logits of every position for the given ids, in one forward pass without cache."""
         self._check_lora(lora)
         ids = _check_token_ids(token_ids, self.model.args.vocab_size)
-        with self._lock:
+        with self._lock, self._adapter_slot(lora) as slot:
+            layers.set_rows(self.model, [slot])
             out = self.model(mx.array(ids, dtype=mx.int32)[None])[0].astype(mx.float32)
             return np.array(out)
+
+
+def _fused_precision(loaded: LoadedModel, dequantized: int) -> str:
+    if not dequantized:
+        return loaded.dtype + (f", {loaded.quantization['bits']}-bit quantized" if loaded.quantization else "")
+    return (f"{dequantized} quantized layers were dequantized to {loaded.dtype} to hold the delta exactly; "
+            "the other layers keep their quantization")
 
 
 def _check_token_ids(token_ids: Sequence[int], vocab_size: int) -> list[int]:

@@ -17,9 +17,21 @@ Outputs, under --out:
   gemma_tiny_reference.json       transformers/torch versions, shapes, seed, date, the activation
                                   transformers resolved, max |logit|, top-2 margin and the cache
                                   check's max difference per shape
+  adapters/<case>/                PEFT LoRA adapters with non-zero random weights (see ADAPTER_CASES):
+                                  adapter_config.json and adapter_model.safetensors as written by
+                                  PeftModel.save_pretrained, plus reference_logits.npz with
+                                  ids_0..ids_2 (int32) and logits_0..logits_2 (float32, (len, vocab))
+                                  of the PeftModel (eval, float32, eager, plain forward, no cache)
 
-Needs torch and transformers (plus numpy, safetensors, tokenizers); run it by hand. The tests
-only read the fixtures and never import torch. Nothing is downloaded.
+Each adapter is built with a fixed torch seed on the seed-0 tiny checkpoint, saved, reloaded with
+PeftModel.from_pretrained on a fresh base and checked to reproduce its logits within 1e-6; the
+script asserts it moves the logits by more than 1e-2 vs the base. For reproducible files,
+base_model_name_or_path is set to a fixed name, target_modules is written as a list in the
+case's own order (PEFT itself writes list(set), whose order depends on PYTHONHASHSEED) and the
+boilerplate README.md model card PEFT writes next to the adapter is deleted.
+
+Needs torch, transformers and peft (plus numpy, safetensors, tokenizers); run it by hand. The
+tests only read the fixtures and never import torch. Nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -30,11 +42,14 @@ import inspect
 import json
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import torch
 import transformers
+from peft import LoraConfig, PeftModel, get_peft_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from make_tiny_model import write_tiny_model  # noqa: E402
@@ -180,6 +195,146 @@ def reference_for_shape(shape: str, out_dir: Path) -> dict:
     }
 
 
+# ---------------------------------------------------------------------------------------------
+# LoRA adapters (PEFT)
+
+ADAPTER_TOL = 1e-6  # reloaded adapter vs the logits saved
+MIN_ADAPTER_EFFECT = 1e-2  # an adapter must move some logit by more than this vs the base
+ALL7 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+# ids_0: "<bos>The capital of France is.." (10), ids_1: just <bos> (1), ids_2: no <bos>, with the
+# edge ids 0 (<pad>) and 537 (the last id) (20).
+ADAPTER_SEQUENCES: list[list[int]] = [
+    [2, 401, 406, 535, 524, 361, 348, 413, 492, 387],
+    [2],
+    [300, 7, 537, 100, 0, 263, 5, 331, 329, 343, 263, 409, 462, 485, 322, 314, 264, 6, 263, 401],
+]
+
+
+@dataclass(frozen=True)
+class AdapterCase:
+    """One adapter fixture: folder name, torch seed, LoraConfig keywords, base shape."""
+
+    name: str
+    seed: int
+    lora: dict[str, Any]
+    shape: str = "2b"
+
+
+def case_all7_r8() -> AdapterCase:
+    """All seven projections of every layer, r=8, alpha=16."""
+    return AdapterCase("all7_r8", 1001, {"target_modules": ALL7, "r": 8, "lora_alpha": 16})
+
+
+def case_all7_r8_7b() -> AdapterCase:
+    """As all7_r8, on the multi-head 7b shape."""
+    return AdapterCase("all7_r8_7b", 1002, {"target_modules": ALL7, "r": 8, "lora_alpha": 16}, shape="7b")
+
+
+def case_regex_subset() -> AdapterCase:
+    """target_modules as a regex string: q_proj, v_proj and down_proj of layer 1 only."""
+    regex = r".*\.layers\.1\.(self_attn\.(q_proj|v_proj)|mlp\.down_proj)"
+    return AdapterCase("regex_subset", 1003, {"target_modules": regex, "r": 4, "lora_alpha": 8})
+
+
+def case_layers_subset() -> AdapterCase:
+    """q_proj, o_proj and up_proj restricted to layer 0 with layers_to_transform."""
+    lora = {"target_modules": ["q_proj", "o_proj", "up_proj"], "layers_to_transform": [0], "r": 8, "lora_alpha": 32}
+    return AdapterCase("layers_subset", 1004, lora)
+
+
+def case_rslora_patterns() -> AdapterCase:
+    """rsLoRA (alpha / sqrt(r)) with per-module rank_pattern and alpha_pattern overrides."""
+    lora = {"target_modules": ALL7, "r": 8, "lora_alpha": 16, "use_rslora": True,
+            "rank_pattern": {"q_proj": 4, "layers.1.mlp.down_proj": 2}, "alpha_pattern": {"v_proj": 32}}
+    return AdapterCase("rslora_patterns", 1005, lora)
+
+
+def case_second_all7_r8() -> AdapterCase:
+    """A second all-seven adapter (other seed, alpha=8), for batching two different adapters."""
+    return AdapterCase("second_all7_r8", 1006, {"target_modules": ALL7, "r": 8, "lora_alpha": 8})
+
+
+ADAPTER_CASES: tuple[Callable[[], AdapterCase], ...] = (
+    case_all7_r8, case_all7_r8_7b, case_regex_subset, case_layers_subset, case_rslora_patterns,
+    case_second_all7_r8,
+)
+
+
+def sequence_logits(model: torch.nn.Module, vocab: int) -> list[np.ndarray]:
+    """full_logits of every ADAPTER_SEQUENCES entry, shape-checked."""
+    out = []
+    for ids in ADAPTER_SEQUENCES:
+        assert 1 <= len(ids) <= 20 and all(0 <= t < vocab for t in ids)
+        out.append(full_logits(model, ids).astype(np.float32))
+        assert out[-1].shape == (len(ids), vocab)
+    return out
+
+
+def build_adapter(case: AdapterCase, base: Model) -> PeftModel:
+    """Wrap base (in place) with the case's LoRA, non-zero random weights from the case's seed."""
+    torch.manual_seed(case.seed)
+    config = LoraConfig(task_type="CAUSAL_LM", init_lora_weights=False, **case.lora)
+    model = get_peft_model(base, config).eval()
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    return model
+
+
+def save_adapter(model: PeftModel, case: AdapterCase, case_dir: Path) -> None:
+    """save_pretrained (safetensors) with a fixed base name and an ordered target_modules list;
+    drop the model card PEFT writes alongside."""
+    config = model.peft_config["default"]
+    config.base_model_name_or_path = f"tiny-gemma-{case.shape}-seed{SEED}"
+    if isinstance(config.target_modules, set):  # PEFT would write list(set): hash-seed order
+        config.target_modules = list(case.lora["target_modules"])
+    # save_embedding_layers=False: "auto" would look base_model_name_or_path up on the Hub.
+    model.save_pretrained(case_dir, safe_serialization=True, save_embedding_layers=False)
+    (case_dir / "README.md").unlink(missing_ok=True)  # PEFT's boilerplate model card
+    assert sorted(p.name for p in case_dir.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+
+
+def check_reload(model_dir: Path, case_dir: Path, saved: list[np.ndarray]) -> float:
+    """Reload the saved adapter on a fresh base; assert it reproduces the saved logits."""
+    reloaded = PeftModel.from_pretrained(load_model(model_dir), case_dir).eval()
+    diff = max(float(np.abs(a - b).max()) for a, b in zip(sequence_logits(reloaded, reloaded.config.vocab_size), saved))
+    if diff > ADAPTER_TOL:
+        raise AssertionError(f"{case_dir.name}: reloaded adapter logits differ by {diff:.3g} > {ADAPTER_TOL}")
+    return diff
+
+
+def write_adapter_case(case: AdapterCase, out_dir: Path) -> dict:
+    """Write adapters/<case>/ (adapter files + reference_logits.npz); return check numbers."""
+    case_dir = out_dir / case.name
+    case_dir.mkdir(parents=True, exist_ok=True)
+    for stale in ("adapter_config.json", "adapter_model.safetensors", "reference_logits.npz"):
+        (case_dir / stale).unlink(missing_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = write_tiny_model(Path(tmp) / f"tiny-{case.shape}", shape=case.shape, seed=SEED)
+        base = load_model(model_dir)
+        vocab = base.config.vocab_size
+        base_logits = sequence_logits(base, vocab)
+        model = build_adapter(case, base)
+        logits = sequence_logits(model, vocab)
+        save_adapter(model, case, case_dir)
+        reload_diff = check_reload(model_dir, case_dir, logits)
+    arrays = {f"ids_{i}": np.asarray(ids, dtype=np.int32) for i, ids in enumerate(ADAPTER_SEQUENCES)}
+    arrays.update({f"logits_{i}": l for i, l in enumerate(logits)})
+    np.savez(case_dir / "reference_logits.npz", **arrays)
+    effect = max(float(np.abs(a - b).max()) for a, b in zip(logits, base_logits))
+    if effect <= MIN_ADAPTER_EFFECT:
+        raise AssertionError(f"{case.name}: adapter moves logits by only {effect:.3g} <= {MIN_ADAPTER_EFFECT}")
+    return {"max_abs_change_vs_base": effect, "reload_max_abs_diff": reload_diff}
+
+
+def write_adapters(out_dir: Path) -> None:
+    """Write every ADAPTER_CASES fixture under out_dir and print its checks."""
+    for make_case in ADAPTER_CASES:
+        case = make_case()
+        checks = write_adapter_case(case, out_dir)
+        print(f"adapter {case.name} ({case.shape}): max |PEFT - base logits| {checks['max_abs_change_vs_base']:.4f}; "
+              f"reload diff {checks['reload_max_abs_diff']:.2e}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent / "tests" / "fixtures")
@@ -210,6 +365,8 @@ def main() -> None:
     path = args.out / "gemma_tiny_reference.json"
     path.write_text(json.dumps(record, indent=2) + "\n")
     print(f"wrote {', '.join(s['file'] for s in shapes.values())} and {path.name} to {args.out}")
+    write_adapters(args.out / "adapters")
+    print(f"wrote {len(ADAPTER_CASES)} LoRA adapter fixtures to {args.out / 'adapters'}")
 
 
 if __name__ == "__main__":

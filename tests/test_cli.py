@@ -52,3 +52,38 @@ def test_unknown_model_path_exits_non_zero():
 def test_prompt_and_messages_together_are_refused(tiny_dir):
     done = cli("generate", "--model", str(tiny_dir), "--prompt", "x", "--messages", "[]")
     assert done.returncode == 2 and "not allowed with argument" in done.stderr
+
+
+ADAPTER = "tests/fixtures/adapters/all7_r8"
+
+
+def test_generate_with_adapter_and_fused(tiny_dir):
+    import mlx_gemma
+
+    runtime = mlx_gemma.load(tiny_dir, adapters={"all7_r8": ADAPTER})
+    expected = runtime.generate(prompt="Water boils at", raw=True, temperature=0, max_tokens=8, lora="all7_r8").text
+    common = ["generate", "--model", str(tiny_dir), "--prompt", "Water boils at", "--raw", "--temperature", "0",
+              "--max-tokens", "8", "--adapter", ADAPTER]
+    for extra in ([], ["--fuse"]):
+        done = cli(*common, *extra)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout == expected + "\n"
+
+
+def test_fuse_writes_a_plain_checkpoint(tiny_dir, tmp_path):
+    import numpy as np
+    import mlx_gemma
+
+    done = cli("fuse", "--model", str(tiny_dir), "--adapter", ADAPTER, "--out", str(tmp_path / "fused"))
+    assert done.returncode == 0, done.stderr
+    assert "fused into" in done.stdout and "dense float32" in done.stdout
+    fused = mlx_gemma.load(tmp_path / "fused")
+    reference = np.load(f"{ADAPTER}/reference_logits.npz")
+    np.testing.assert_allclose(fused.logits(reference["ids_0"].tolist()), reference["logits_0"], atol=1e-4)
+
+
+def test_bad_adapter_exits_non_zero(tiny_dir, tmp_path):
+    done = cli("generate", "--model", str(tiny_dir), "--prompt", "x", "--adapter", str(tmp_path))
+    assert done.returncode == 2 and "refused: no adapter_config.json" in done.stderr
+    done = cli("generate", "--model", str(tiny_dir), "--prompt", "x", "--fuse")
+    assert done.returncode == 2 and "--fuse needs --adapter PATH" in done.stderr

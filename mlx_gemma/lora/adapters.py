@@ -1,0 +1,285 @@
+"""Read and validate LoRA adapter files (PEFT or mlx-lm) into one in-memory layout.
+
+Contract: `read_adapter(path, base)` returns an `Adapter` whose `modules` map a base linear's
+path ("model.layers.3.self_attn.q_proj") to `LoRAWeights(a, b)` with `a` (in, r) and `b`
+(r, out), the scale already folded into `b`, so that the adapted layer computes
+`y = W x + x @ a @ b`. Or it raises `AdapterError`, whose message lists every problem found.
+
+- PEFT: `adapter_config.json` + `adapter_model.safetensors`; keys like
+  `base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight`, `lora_A` (r, in),
+  `lora_B` (out, r); scale `lora_alpha / r`, or `lora_alpha / sqrt(r)` with `use_rslora`; `r`
+  and `lora_alpha` per module from `rank_pattern` / `alpha_pattern` as PEFT matches them;
+  every tensor must belong to a module that `target_modules` (list or regex) and
+  `layers_to_transform` select.
+- mlx-lm: `adapter_config.json` with `lora_parameters: {rank, scale}` + `adapters.safetensors`
+  with `...q_proj.lora_a` (in, r) and `lora_b` (r, out); scale as stored.
+Refused, each with its reason: DoRA, `modules_to_save`, `bias` other than "none", other PEFT
+types, pickled `.bin` weights, unknown modules, mismatched shapes, rank over the limit (default
+32), files over the size limit (default 300 MB), non-finite weights, an adapter `model_type`
+of another family than the base.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+
+PEFT_WEIGHTS = "adapter_model.safetensors"
+MLX_LM_WEIGHTS = "adapters.safetensors"
+CONFIG = "adapter_config.json"
+PEFT_PREFIX = "base_model.model."
+FAMILIES = {"gemma": "gemma", "gemma3": "gemma3", "gemma3_text": "gemma3"}
+
+
+class AdapterError(ValueError):
+    """An adapter cannot be served faithfully; `problems` lists every reason."""
+
+    def __init__(self, path: str | Path, problems: list[str]):
+        self.problems = problems
+        super().__init__(f"adapter {str(path)!r} refused: " + "; ".join(problems))
+
+
+@dataclass(frozen=True)
+class AdapterLimits:
+    max_rank: int = 32
+    max_file_bytes: int = 300 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class BaseInfo:
+    """What an adapter is validated against: the base's family and its linears' (in, out)."""
+
+    family: str
+    linears: Mapping[str, tuple[int, int]]
+
+
+@dataclass(frozen=True)
+class LoRAWeights:
+    a: mx.array  # (in, r)
+    b: mx.array  # (r, out), scale folded in
+    scale: float
+
+    @property
+    def rank(self) -> int:
+        return self.a.shape[1]
+
+
+@dataclass
+class Adapter:
+    name: str
+    path: Path
+    format: str  # "peft" or "mlx-lm"
+    modules: dict[str, LoRAWeights]
+    content_hash: str
+    config: dict[str, Any] = field(repr=False)
+
+    @property
+    def max_rank(self) -> int:
+        return max(w.rank for w in self.modules.values())
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "path": str(self.path), "format": self.format, "rank": self.max_rank,
+                "modules": len(self.modules), "hash": self.content_hash}
+
+
+def read_adapter(path: str | Path, base: BaseInfo, name: str | None = None,
+                 limits: AdapterLimits = AdapterLimits()) -> Adapter:
+    path = Path(path).expanduser()
+    problems: list[str] = []
+    config, weights_file = _read_files(path, limits, problems)
+    if config is None or weights_file is None:
+        raise AdapterError(path, problems)
+    fmt = "peft" if weights_file.name == PEFT_WEIGHTS else "mlx-lm"
+    _check_config(config, fmt, base.family, problems)
+    tensors = _load_tensors(weights_file, problems)
+    modules = (_peft_modules if fmt == "peft" else _mlx_lm_modules)(config, tensors, base, limits, problems)
+    if problems or not modules:
+        raise AdapterError(path, problems or ["the weights file holds no LoRA tensors"])
+    return Adapter(name or path.name, path, fmt, modules, _content_hash(path / CONFIG, weights_file), config)
+
+
+def _read_files(path: Path, limits: AdapterLimits, problems: list[str]) -> tuple[dict | None, Path | None]:
+    if not path.is_dir():
+        problems.append(f"no adapter directory at {str(path)!r}")
+        return None, None
+    config = _read_config(path / CONFIG, problems)
+    weights_file = next((path / n for n in (PEFT_WEIGHTS, MLX_LM_WEIGHTS) if (path / n).is_file()), None)
+    if weights_file is None:
+        pickled = (path / "adapter_model.bin").exists()
+        problems.append("pickled adapter_model.bin weights are refused: save with safetensors "
+                        "(PEFT's save_pretrained does by default)" if pickled else
+                        f"no {PEFT_WEIGHTS} (PEFT) or {MLX_LM_WEIGHTS} (mlx-lm) in the adapter directory")
+    for file in (path / CONFIG, weights_file):
+        if file is not None and file.is_file() and file.stat().st_size > limits.max_file_bytes:
+            problems.append(f"{file.name} is {file.stat().st_size} bytes, over the limit of {limits.max_file_bytes}")
+    return config, weights_file
+
+
+def _read_config(file: Path, problems: list[str]) -> dict | None:
+    if not file.is_file():
+        problems.append(f"no {CONFIG} in the adapter directory")
+        return None
+    try:
+        config = json.loads(file.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        problems.append(f"{CONFIG} is not valid JSON ({exc})")
+        return None
+    if not isinstance(config, dict):
+        problems.append(f"{CONFIG} must hold a JSON object")
+        return None
+    return config
+
+
+def _check_config(config: dict, fmt: str, family: str, problems: list[str]) -> None:
+    model_type = config.get("model_type")
+    if model_type is not None and FAMILIES.get(model_type) != family:
+        problems.append(f"model_type {model_type!r} is not this base's family ({family})")
+    if fmt == "mlx-lm":
+        kind = config.get("fine_tune_type", "lora")
+        if kind != "lora":
+            problems.append(f"fine_tune_type {kind!r} is not served: only LoRA adapters are")
+        return
+    if config.get("peft_type", "LORA") != "LORA":
+        problems.append(f"peft_type {config.get('peft_type')!r} is not served: only LORA adapters are")
+    if config.get("use_dora"):
+        problems.append("use_dora is true: DoRA adapters are not served (train with use_dora=False)")
+    if config.get("modules_to_save"):
+        problems.append(f"modules_to_save {config['modules_to_save']!r} is not served: only LoRA weights can be applied")
+    if config.get("bias", "none") != "none":
+        problems.append(f"bias {config.get('bias')!r} is not served: train with bias='none'")
+
+
+def _load_tensors(file: Path, problems: list[str]) -> dict[str, mx.array]:
+    try:
+        return mx.load(str(file))
+    except Exception as exc:  # mlx raises plain RuntimeError/ValueError for corrupt files
+        problems.append(f"{file.name} is not a valid safetensors file ({exc})")
+        return {}
+
+
+def _content_hash(*files: Path) -> str:
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(file.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> Any:
+    """PEFT's rule: the first pattern p such that the module path matches (.*\\.)?(p)$."""
+    for pattern, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({pattern})$", module):
+            return value
+    return default
+
+
+def _peft_targets(config: dict, module: str) -> bool:
+    targets = config.get("target_modules")
+    if isinstance(targets, str):
+        return re.fullmatch(targets, module) is not None
+    targets = list(targets or [])
+    if not (module in targets or any(module.endswith(f".{t}") for t in targets)):
+        return False
+    return _in_layers(config, module)
+
+
+def _in_layers(config: dict, module: str) -> bool:
+    layers = config.get("layers_to_transform")
+    if layers is None or layers == []:
+        return True
+    patterns = config.get("layers_pattern") or [r"[^.]*"]
+    patterns = [patterns] if isinstance(patterns, str) else patterns
+    for pattern in patterns:
+        match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", module)
+        if match:
+            index = int(match["idx"])
+            return index == layers if isinstance(layers, int) else index in layers
+    return False
+
+
+def _split_peft_key(key: str) -> tuple[str, str] | None:
+    match = re.fullmatch(r"(.+)\.lora_(A|B)(?:\.[^.]+)?\.weight", key.removeprefix(PEFT_PREFIX))
+    return (match[1], match[2]) if match else None
+
+
+def _pair_tensors(tensors: dict[str, mx.array], split: Any, problems: list[str]) -> dict[str, dict[str, mx.array]]:
+    pairs: dict[str, dict[str, mx.array]] = {}
+    for key, value in tensors.items():
+        parts = split(key)
+        if parts is None:
+            problems.append(f"tensor {key!r} is not a LoRA A/B weight")
+            continue
+        pairs.setdefault(parts[0], {})[parts[1]] = value
+    return pairs
+
+
+def _peft_modules(config: dict, tensors: dict[str, mx.array], base: BaseInfo, limits: AdapterLimits,
+                  problems: list[str]) -> dict[str, LoRAWeights]:
+    modules = {}
+    for module, pair in _pair_tensors(tensors, _split_peft_key, problems).items():
+        if not _known_module(module, pair, base, problems):
+            continue
+        if not _peft_targets(config, module):
+            problems.append(f"{module} has weights but target_modules/layers_to_transform do not select it")
+            continue
+        rank = int(_pattern_value(config.get("rank_pattern"), module, config.get("r", 8)))
+        alpha = float(_pattern_value(config.get("alpha_pattern"), module, config.get("lora_alpha", 8)))
+        scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+        weights = _checked(module, pair["A"].T, pair["B"].T, rank, scale, base, limits, problems)
+        if weights is not None:
+            modules[module] = weights
+    return modules
+
+
+def _mlx_lm_modules(config: dict, tensors: dict[str, mx.array], base: BaseInfo, limits: AdapterLimits,
+                    problems: list[str]) -> dict[str, LoRAWeights]:
+    params = config.get("lora_parameters") or {}
+    scale = float(params.get("scale", 20.0))
+
+    def split(key: str) -> tuple[str, str] | None:
+        match = re.fullmatch(r"(.+)\.lora_(a|b)", key)
+        return (match[1], match[2].upper()) if match else None
+
+    modules = {}
+    for module, pair in _pair_tensors(tensors, split, problems).items():
+        if _known_module(module, pair, base, problems):
+            rank = pair["A"].shape[-1] if pair["A"].ndim == 2 else -1
+            weights = _checked(module, pair["A"], pair["B"], rank, scale, base, limits, problems)
+            if weights is not None:
+                modules[module] = weights
+    return modules
+
+
+def _known_module(module: str, pair: dict[str, mx.array], base: BaseInfo, problems: list[str]) -> bool:
+    if module not in base.linears:
+        problems.append(f"unknown module {module!r}: the base model has no linear layer of that name")
+        return False
+    if set(pair) != {"A", "B"}:
+        problems.append(f"{module} has lora_{'B' if 'A' in pair else 'A'} missing")
+        return False
+    return True
+
+
+def _checked(module: str, a: mx.array, b: mx.array, rank: int, scale: float, base: BaseInfo,
+             limits: AdapterLimits, problems: list[str]) -> LoRAWeights | None:
+    """a is (in, r), b is (r, out) here; check them against the base layer and the limits."""
+    n_in, n_out = base.linears[module]
+    if a.shape != (n_in, rank) or b.shape != (rank, n_out):
+        problems.append(f"{module}: shapes A {tuple(a.T.shape)} and B {tuple(b.T.shape)} do not fit the base "
+                        f"layer ({n_out} x {n_in}) at rank {rank}")
+        return None
+    if rank > limits.max_rank:
+        problems.append(f"{module}: rank {rank} is over the limit of {limits.max_rank}")
+        return None
+    a32, b32 = a.astype(mx.float32), b.astype(mx.float32) * scale
+    if not (mx.all(mx.isfinite(a32)) and mx.all(mx.isfinite(b32))).item():
+        problems.append(f"{module}: weights hold NaN or infinite values")
+        return None
+    return LoRAWeights(a32, b32, scale)

@@ -1,0 +1,173 @@
+"""LoRALinear: a shared base linear plus the resident adapters, chosen per batch row.
+
+Contract:
+- `install(model, adapter, slot)` wraps each linear the adapter targets in a `LoRALinear`
+  (once; the base weight object is shared, never copied) and registers the adapter's (a, b)
+  under `slot` (a positive int). `uninstall(model, slot)` removes it; a layer left without
+  adapters is unwrapped, so a model with no adapters runs exactly the base code.
+- Before a forward pass, `set_rows(model, slots)` says which slot each batch row uses (0 = the
+  base alone). One slot for the whole batch computes `x @ a @ b` with that adapter's own rank;
+  different slots gather from the adapters stacked and zero-padded to the largest rank, so rows
+  with different adapters share one forward pass.
+- `fuse(model, adapter)` merges an adapter into the weights in float32 (zero serving
+  overhead). A quantized base layer is dequantized and stays unquantized: the function returns
+  how many layers that was, so callers can say so; the delta is never dropped or silently
+  requantized.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .adapters import Adapter, LoRAWeights
+
+
+class LoRAContext:
+    """The adapter slot of each batch row, shared by all LoRALinear layers of one model."""
+
+    def __init__(self) -> None:
+        self.single: int = 0  # every row on this slot (0 = no adapter)
+        self.rows: mx.array | None = None  # per-row slots when they differ
+
+    def set(self, slots: Sequence[int]) -> None:
+        if len(set(slots)) <= 1:
+            self.single, self.rows = (slots[0] if slots else 0), None
+        else:
+            self.single, self.rows = -1, mx.array(list(slots), dtype=mx.int32)
+
+
+class LoRALinear(nn.Module):
+    def __init__(self, base: nn.Module, context: LoRAContext):
+        super().__init__()
+        self.base = base
+        self._context = context
+        self._adapters: dict[int, LoRAWeights] = {}
+        self._stacked: tuple[mx.array, mx.array] | None = None
+
+    def add(self, slot: int, weights: LoRAWeights, dtype: mx.Dtype) -> None:
+        self._adapters[slot] = LoRAWeights(weights.a.astype(dtype), weights.b.astype(dtype), weights.scale)
+        self._stacked = None
+
+    def remove(self, slot: int) -> None:
+        self._adapters.pop(slot, None)
+        self._stacked = None
+
+    @property
+    def is_empty(self) -> bool:
+        return not self._adapters
+
+    def _stack(self) -> tuple[mx.array, mx.array]:
+        """(slots + 1, in, r_max) and (slots + 1, r_max, out), zero where a slot has no adapter."""
+        if self._stacked is None:
+            n_slots, rank = max(self._adapters) + 1, max(w.rank for w in self._adapters.values())
+            first = next(iter(self._adapters.values()))
+            a = mx.zeros((n_slots, first.a.shape[0], rank), first.a.dtype)
+            b = mx.zeros((n_slots, rank, first.b.shape[1]), first.b.dtype)
+            for slot, w in self._adapters.items():
+                a[slot, :, : w.rank] = w.a
+                b[slot, : w.rank, :] = w.b
+            self._stacked = (a, b)
+        return self._stacked
+
+    def __call__(self, x: mx.array) -> mx.array:
+        y = self.base(x)
+        single = self._context.single
+        if single >= 0:
+            weights = self._adapters.get(single)
+            return y if weights is None else y + (x @ weights.a) @ weights.b
+        a, b = self._stack()
+        rows = mx.minimum(self._context.rows, a.shape[0] - 1) * (self._context.rows < a.shape[0])
+        return y + (x @ a[rows]) @ b[rows]
+
+
+def context_of(model: nn.Module) -> LoRAContext:
+    if not hasattr(model, "_lora_context"):
+        model._lora_context = LoRAContext()
+    return model._lora_context
+
+
+def set_rows(model: nn.Module, slots: Sequence[int]) -> None:
+    context_of(model).set(slots)
+
+
+def _resolve(model: nn.Module, path: str) -> tuple[Any, str | int, nn.Module]:
+    """Parent, key and module at a dotted path such as model.layers.3.mlp.up_proj."""
+    parent: Any = None
+    key: str | int = ""
+    node: Any = model
+    for part in path.split("."):
+        parent, key = node, int(part) if part.isdigit() else part
+        node = node[key] if isinstance(node, list) else getattr(node, key)
+    return parent, key, node
+
+
+def _replace(parent: Any, key: str | int, module: nn.Module) -> None:
+    if isinstance(parent, list):
+        parent[key] = module
+    else:
+        setattr(parent, key, module)
+
+
+def linear_dims(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """(in, out) of every linear layer (plain, quantized or already wrapped), by path."""
+    dims = {}
+    for path, module in model.named_modules():
+        if isinstance(module, LoRALinear):
+            continue
+        if isinstance(module, nn.QuantizedLinear):
+            dims[path.removesuffix(".base")] = (module.scales.shape[-1] * module.group_size, module.weight.shape[0])
+        elif isinstance(module, nn.Linear):
+            dims[path.removesuffix(".base")] = (module.weight.shape[1], module.weight.shape[0])
+    return dims
+
+
+def _weight_dtype(module: nn.Module) -> mx.Dtype:
+    return module.scales.dtype if isinstance(module, nn.QuantizedLinear) else module.weight.dtype
+
+
+def install(model: nn.Module, adapter: Adapter, slot: int) -> None:
+    context = context_of(model)
+    for path, weights in adapter.modules.items():
+        parent, key, module = _resolve(model, path)
+        if not isinstance(module, LoRALinear):
+            module = LoRALinear(module, context)
+            _replace(parent, key, module)
+        module.add(slot, weights, _weight_dtype(module.base))
+
+
+def _lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
+    for path, module in list(model.named_modules()):
+        if isinstance(module, LoRALinear):
+            yield path, module
+
+
+def uninstall(model: nn.Module, slot: int) -> None:
+    for path, module in _lora_layers(model):
+        module.remove(slot)
+        if module.is_empty:
+            parent, key, _ = _resolve(model, path)
+            _replace(parent, key, module.base)
+
+
+def fuse(model: nn.Module, adapter: Adapter) -> int:
+    """Merge the adapter into the base weights; return how many quantized layers were dequantized."""
+    dequantized = 0
+    for path, weights in adapter.modules.items():
+        parent, key, module = _resolve(model, path)
+        base = module.base if isinstance(module, LoRALinear) else module
+        if isinstance(module, LoRALinear):
+            raise ValueError(f"{path} serves resident adapters: fuse into a model without adapters")
+        weight = base.weight
+        if isinstance(base, nn.QuantizedLinear):
+            weight = mx.dequantize(base.weight, base.scales, base.biases, base.group_size, base.bits)
+            dequantized += 1
+        delta = (weights.a @ weights.b).T  # (out, in), float32, scale folded in
+        fused = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+        fused.weight = (weight.astype(mx.float32) + delta).astype(weight.dtype)
+        _replace(parent, key, fused)
+    mx.eval(model.parameters())
+    return dequantized

@@ -1,0 +1,271 @@
+"""LoRA: PEFT goldens, mlx-lm files, fused mode, mixed-adapter batches, refusals, residency."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+import mlx_gemma
+from mlx_gemma.lora.adapters import AdapterError
+from mlx_gemma.lora.layers import LoRAContext, LoRALinear, set_rows
+from mlx_gemma.lora.store import AdapterBusyError
+
+from conftest import FIXTURES
+
+ADAPTERS = FIXTURES / "adapters"
+CASES_2B = ["all7_r8", "regex_subset", "layers_subset", "rslora_patterns", "second_all7_r8"]
+
+
+def reference(case: str) -> list[tuple[list[int], np.ndarray]]:
+    data = np.load(ADAPTERS / case / "reference_logits.npz")
+    n = len([k for k in data if k.startswith("ids_")])
+    return [(data[f"ids_{i}"].tolist(), data[f"logits_{i}"]) for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def lora_runtime(tiny_dir) -> mlx_gemma.Runtime:
+    return mlx_gemma.load(tiny_dir, adapters={case: str(ADAPTERS / case) for case in CASES_2B})
+
+
+@pytest.mark.parametrize("case", CASES_2B)
+def test_logits_match_peft(lora_runtime, case):
+    for ids, expected in reference(case):
+        np.testing.assert_allclose(lora_runtime.logits(ids, lora=case), expected, atol=1e-4, rtol=0)
+
+
+def test_adapter_changes_the_output(lora_runtime):
+    ids, expected = reference("all7_r8")[0]
+    assert np.abs(lora_runtime.logits(ids) - expected).max() > 0.05
+
+
+def test_multi_head_shape_matches_peft(tiny_dirs):
+    runtime = mlx_gemma.load(tiny_dirs["7b"], adapters={"a": str(ADAPTERS / "all7_r8_7b")})
+    for ids, expected in reference("all7_r8_7b"):
+        np.testing.assert_allclose(runtime.logits(ids, lora="a"), expected, atol=1e-4, rtol=0)
+
+
+def to_mlx_lm(peft_dir: Path, out: Path) -> Path:
+    """The same adapter in mlx-lm's layout: lora_a (in, r), lora_b (r, out), a stored scale."""
+    config = json.loads((peft_dir / "adapter_config.json").read_text())
+    tensors = load_file(str(peft_dir / "adapter_model.safetensors"))
+    converted = {}
+    for key, value in tensors.items():
+        module = key.removeprefix("base_model.model.").split(".lora_")[0]
+        converted[f"{module}.lora_{'a' if '.lora_A.' in key else 'b'}"] = np.ascontiguousarray(value.T)
+    out.mkdir(parents=True)
+    save_file(converted, str(out / "adapters.safetensors"))
+    params = {"rank": config["r"], "scale": config["lora_alpha"] / config["r"], "dropout": 0.0,
+              "keys": sorted({k.split(".", 3)[3].rsplit(".", 1)[0] for k in converted})}
+    (out / "adapter_config.json").write_text(json.dumps({"fine_tune_type": "lora", "num_layers": 2,
+                                                         "lora_parameters": params}))
+    return out
+
+
+def test_mlx_lm_format_equals_the_peft_adapter(tiny_dir, tmp_path):
+    runtime = mlx_gemma.load(tiny_dir, adapters={"mlx": str(to_mlx_lm(ADAPTERS / "all7_r8", tmp_path / "m"))})
+    assert runtime.adapters()[0]["format"] == "mlx-lm"
+    for ids, expected in reference("all7_r8"):
+        np.testing.assert_allclose(runtime.logits(ids, lora="mlx"), expected, atol=1e-4, rtol=0)
+
+
+def test_fused_equals_unfused(tiny_dir, lora_runtime):
+    fused = mlx_gemma.load(tiny_dir, adapters={"a": str(ADAPTERS / "rslora_patterns")}, fuse="a")
+    assert fused.adapters() == [] and fused.fused["name"] == "a"
+    for ids, _ in reference("rslora_patterns"):
+        np.testing.assert_allclose(fused.logits(ids), lora_runtime.logits(ids, lora="rslora_patterns"), atol=1e-4)
+        np.testing.assert_allclose(fused.logits(ids, lora="a"), fused.logits(ids))
+
+
+def test_fuse_into_quantized_base_keeps_the_delta(tiny_dir):
+    unfused = mlx_gemma.load(tiny_dir, quantize=8, adapters={"a": str(ADAPTERS / "all7_r8")})
+    fused = mlx_gemma.load(tiny_dir, quantize=8, adapters={"a": str(ADAPTERS / "all7_r8")}, fuse="a")
+    assert fused.fused["dequantized_layers"] == 14
+    assert "dequantized to float32" in fused.fused["precision"]
+    ids, _ = reference("all7_r8")[0]
+    np.testing.assert_allclose(fused.logits(ids), unfused.logits(ids, lora="a"), atol=1e-4)
+
+
+def test_two_adapters_in_one_batch_at_the_layer():
+    from mlx_gemma.lora.adapters import LoRAWeights
+
+    def normal(*shape, seed):
+        return mx.random.normal(shape, key=mx.random.key(seed))
+
+    base = normal(4, 6, seed=0)
+    layer = LoRALinear(lambda x: x @ base, LoRAContext())
+    layer.add(1, LoRAWeights(normal(4, 2, seed=1), normal(2, 6, seed=2), 1.0), mx.float32)
+    layer.add(3, LoRAWeights(normal(4, 3, seed=3), normal(3, 6, seed=4), 1.0), mx.float32)  # other rank
+    x = normal(3, 5, 4, seed=5)
+    layer._context.set([3, 0, 1])
+    mixed = np.array(layer(x))
+    for row, slot in enumerate([3, 0, 1]):
+        layer._context.set([slot])
+        np.testing.assert_allclose(mixed[row], np.array(layer(x[row:row + 1]))[0], atol=1e-5)
+    layer._context.set([0])
+    np.testing.assert_allclose(mixed[1], np.array(x[1] @ base), atol=1e-6)
+
+
+def test_two_adapters_in_one_batch_at_the_model(lora_runtime):
+    model = lora_runtime.model
+    ids = reference("all7_r8")[2][0][:8]
+    slots = [lora_runtime.registry.acquire(n) for n in ("all7_r8", "second_all7_r8")]
+    try:
+        set_rows(model, [slots[0], 0, slots[1]])
+        batch = np.array(model(mx.array([ids, ids, ids])))
+        for row, name in enumerate(["all7_r8", None, "second_all7_r8"]):
+            np.testing.assert_allclose(batch[row], lora_runtime.logits(ids, lora=name), atol=1e-4)
+    finally:
+        for name in ("all7_r8", "second_all7_r8"):
+            lora_runtime.registry.release(name)
+
+
+def test_generate_with_adapter_differs_and_is_reproducible(lora_runtime):
+    base = lora_runtime.generate(prompt="Water boils at", raw=True, temperature=0, max_tokens=12)
+    adapted = lora_runtime.generate(prompt="Water boils at", raw=True, temperature=0, max_tokens=12, lora="all7_r8")
+    again = lora_runtime.stream(prompt="Water boils at", raw=True, temperature=0, max_tokens=12, lora="all7_r8")
+    assert adapted.token_ids != base.token_ids
+    assert "".join(again) == adapted.text
+
+
+def copy_adapter(tmp_path: Path, case: str = "all7_r8") -> Path:
+    target = tmp_path / f"bad_{case}"
+    shutil.copytree(ADAPTERS / case, target)
+    (target / "reference_logits.npz").unlink()
+    return target
+
+
+def edit_config(path: Path, **changes) -> Path:
+    config = json.loads((path / "adapter_config.json").read_text())
+    (path / "adapter_config.json").write_text(json.dumps({**config, **changes}))
+    return path
+
+
+def edit_tensors(path: Path, change) -> Path:
+    tensors = load_file(str(path / "adapter_model.safetensors"))
+    save_file(change(tensors), str(path / "adapter_model.safetensors"))
+    return path
+
+
+def rename_module(tensors):
+    return {k.replace("layers.0.self_attn.q_proj", "layers.0.self_attn.x_proj"): v for k, v in tensors.items()}
+
+
+def shrink_one(tensors):
+    key = next(k for k in tensors if "lora_B" in k)
+    return {**tensors, key: tensors[key][:-1]}
+
+
+def poison(tensors):
+    key = next(iter(tensors))
+    bad = tensors[key].copy()
+    bad.flat[0] = np.nan
+    return {**tensors, key: bad}
+
+
+def pickle_weights(path: Path) -> Path:
+    (path / "adapter_model.safetensors").rename(path / "adapter_model.bin")
+    return path
+
+
+def corrupt_weights(path: Path) -> Path:
+    (path / "adapter_model.safetensors").write_bytes(b"\x00garbage")
+    return path
+
+
+def drop_config(path: Path) -> Path:
+    (path / "adapter_config.json").unlink()
+    return path
+
+
+REFUSALS = {
+    "dora": (lambda p: edit_config(p, use_dora=True), "DoRA adapters are not served"),
+    "modules_to_save": (lambda p: edit_config(p, modules_to_save=["lm_head"]), "modules_to_save ['lm_head'] is not served"),
+    "bias": (lambda p: edit_config(p, bias="all"), "bias 'all' is not served"),
+    "model_type": (lambda p: edit_config(p, model_type="llama"), "model_type 'llama' is not this base's family (gemma)"),
+    "pickled": (pickle_weights, "pickled adapter_model.bin weights are refused"),
+    "unknown_module": (lambda p: edit_tensors(p, rename_module), "unknown module 'model.layers.0.self_attn.x_proj'"),
+    "shape": (lambda p: edit_tensors(p, shrink_one), "do not fit the base layer"),
+    "nan": (lambda p: edit_tensors(p, poison), "NaN or infinite"),
+    "rank": (lambda p: p, "rank 8 is over the limit of 4"),
+    "corrupt": (corrupt_weights, "not a valid safetensors file"),
+    "no_config": (drop_config, "no adapter_config.json"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REFUSALS))
+def test_refused_adapters_leave_the_runtime_serving(tiny_dir, tmp_path, case):
+    runtime = mlx_gemma.load(tiny_dir, adapters={"good": str(ADAPTERS / "all7_r8")})
+    ids, expected = reference("all7_r8")[0]
+    make_bad, message = REFUSALS[case]
+    if case == "rank":
+        from mlx_gemma.lora.adapters import AdapterLimits
+        runtime.registry.limits = AdapterLimits(max_rank=4)
+    with pytest.raises(AdapterError) as err:
+        runtime.add_adapter("bad", str(make_bad(copy_adapter(tmp_path))))
+    assert message in str(err.value)
+    assert [a["name"] for a in runtime.adapters()] == ["good"]
+    np.testing.assert_allclose(runtime.logits(ids, lora="good"), expected, atol=1e-4)
+
+
+def test_every_problem_is_listed_at_once(tiny_dir, tmp_path):
+    path = edit_config(copy_adapter(tmp_path), use_dora=True, bias="all", modules_to_save=["lm_head"])
+    with pytest.raises(AdapterError) as err:
+        mlx_gemma.load(tiny_dir, adapters={"bad": str(path)})
+    assert len(err.value.problems) == 3
+
+
+def test_file_size_limit(tiny_dir):
+    from mlx_gemma.lora.adapters import AdapterLimits
+    runtime = mlx_gemma.load(tiny_dir)
+    runtime.registry.limits = AdapterLimits(max_file_bytes=1000)
+    with pytest.raises(AdapterError, match="over the limit of 1000"):
+        runtime.add_adapter("big", str(ADAPTERS / "all7_r8"))
+
+
+def test_unknown_lora_name(lora_runtime):
+    with pytest.raises(ValueError, match="lora='nope': no adapter of that name is loaded"):
+        lora_runtime.generate(prompt="x", lora="nope")
+
+
+def base_weight_ids(model) -> list[int]:
+    return [id(layer.self_attn.q_proj.base.weight if hasattr(layer.self_attn.q_proj, "base")
+               else layer.self_attn.q_proj.weight) for layer in model.layers]
+
+
+def test_switching_and_eviction_never_copy_the_base(tiny_dir):
+    runtime = mlx_gemma.load(tiny_dir, max_resident_adapters=2)
+    before = base_weight_ids(runtime.model)
+    for case in ("all7_r8", "second_all7_r8", "rslora_patterns"):
+        runtime.add_adapter(case, str(ADAPTERS / case))
+    resident = {a["name"]: a["resident"] for a in runtime.adapters()}
+    assert resident == {"all7_r8": False, "second_all7_r8": True, "rslora_patterns": True}
+    for case in ("all7_r8", "second_all7_r8", "all7_r8"):  # reloads the evicted one on demand
+        ids, expected = reference(case)[0]
+        np.testing.assert_allclose(runtime.logits(ids, lora=case), expected, atol=1e-4)
+    assert base_weight_ids(runtime.model) == before
+    runtime.remove_adapter("all7_r8")
+    runtime.remove_adapter("second_all7_r8")
+    runtime.remove_adapter("rslora_patterns")
+    assert runtime.adapters() == []
+    assert not hasattr(runtime.model.layers[0].self_attn.q_proj, "base")  # unwrapped: plain base again
+
+
+def test_adapters_in_use_are_not_evicted(tiny_dir):
+    runtime = mlx_gemma.load(tiny_dir, max_resident_adapters=1, adapters={"a": str(ADAPTERS / "all7_r8")})
+    runtime.registry.acquire("a")
+    with pytest.raises(AdapterBusyError, match="in use"):
+        runtime.add_adapter("b", str(ADAPTERS / "second_all7_r8"))
+    runtime.registry.release("a")
+    runtime.add_adapter("b", str(ADAPTERS / "second_all7_r8"))
+    assert [a["resident"] for a in runtime.adapters()] == [False, True]
+
+
+def test_fuse_needs_a_named_adapter(tiny_dir):
+    with pytest.raises(ValueError, match="fuse='x' names no adapter"):
+        mlx_gemma.load(tiny_dir, fuse="x")
