@@ -6,7 +6,8 @@ Contract (the public Python API; other code relies on these names):
   frequency_penalty=None, presence_penalty=None) -> GenerationResult` with `.text`,
   `.usage` (prompt_tokens, completion_tokens, total_tokens) and `.finish_reason`.
 - `Runtime.stream(...)`, same arguments: a `TextStream` yielding text pieces; its `.usage` and
-  `.finish_reason` are set once it is exhausted.
+  `.finish_reason` are set once it is exhausted. A stream holds the runtime while it runs:
+  exhaust it or `close()` it.
 - `Runtime.logits(token_ids, lora=None)`: float32 numpy array (len(token_ids), vocab_size).
 - `Runtime.add_adapter(name, path)`, `remove_adapter(name)`, `adapters()`: LoRA adapters
   (PEFT or mlx-lm files) kept resident beside the shared base weights; `lora="name"` picks
@@ -81,6 +82,11 @@ class TextStream:
 
     def __next__(self) -> str:
         return next(self._pieces)
+
+    def close(self) -> None:
+        """Stop generating now and release the runtime (also done when the stream is garbage-collected)."""
+        self._pieces.close()
+        self.finish_reason = self.finish_reason or "cancelled"
 
 
 class Runtime:

@@ -82,3 +82,11 @@ def test_runtime_is_usable_after_errors(runtime):
     with pytest.raises(ValueError):
         runtime.generate(prompt="x", temperature=-1)
     assert runtime.generate(prompt="x", temperature=0, max_tokens=2).usage.completion_tokens >= 1
+
+
+def test_closing_a_stream_releases_the_runtime(runtime):
+    stream = runtime.stream(prompt="Tell me a story", temperature=0, max_tokens=50)
+    next(stream)
+    stream.close()
+    assert stream.finish_reason == "cancelled"
+    assert runtime.generate(prompt="Hi", temperature=0, max_tokens=2).usage.completion_tokens >= 1
