@@ -62,14 +62,17 @@ class TextStream:
 
     def __init__(self, steps: Iterator[StepOutput], detokenizer: Any, n_prompt: int, stop_ids: frozenset[int]):
         self._pieces = self._run(steps, detokenizer, stop_ids)
+        self._n_prompt = n_prompt
         self.token_ids: list[int] = []
-        self.usage = Usage(n_prompt, 0)
         self.finish_reason: str | None = None
+
+    @property
+    def usage(self) -> Usage:
+        return Usage(self._n_prompt, len(self.token_ids))
 
     def _run(self, steps: Iterator[StepOutput], detokenizer: Any, stop_ids: frozenset[int]) -> Iterator[str]:
         for step in steps:
             self.token_ids.append(step.token)
-            self.usage = Usage(self.usage.prompt_tokens, len(self.token_ids))
             piece = "" if step.token in stop_ids else detokenizer.add(step.token)
             if step.finish_reason:
                 self.finish_reason = step.finish_reason
@@ -130,8 +133,12 @@ class Runtime:
                       "precision": _fused_precision(self.loaded, dequantized)}
         return self.fused
 
+    def _uses_base(self, lora: str | None) -> bool:
+        """No adapter, or the one fused into the weights: the base forward pass serves it."""
+        return lora is None or bool(self.fused and lora == self.fused["name"])
+
     def _check_lora(self, lora: str | None) -> None:
-        if lora is None or (self.fused and lora == self.fused["name"]):
+        if self._uses_base(lora):
             return
         if not isinstance(lora, str) or lora not in self.registry.names():
             raise ValueError(f"lora={lora!r}: no adapter of that name is loaded "
@@ -139,7 +146,7 @@ class Runtime:
 
     @contextlib.contextmanager
     def _adapter_slot(self, lora: str | None) -> Iterator[int]:
-        if lora is None or (self.fused and lora == self.fused["name"]):
+        if self._uses_base(lora):
             yield 0
             return
         slot = self.registry.acquire(lora)

@@ -157,9 +157,8 @@ def fuse(model: nn.Module, adapter: Adapter) -> int:
     """Merge the adapter into the base weights; return how many quantized layers were dequantized."""
     dequantized = 0
     for path, weights in adapter.modules.items():
-        parent, key, module = _resolve(model, path)
-        base = module.base if isinstance(module, LoRALinear) else module
-        if isinstance(module, LoRALinear):
+        parent, key, base = _resolve(model, path)
+        if isinstance(base, LoRALinear):
             raise ValueError(f"{path} serves resident adapters: fuse into a model without adapters")
         weight = base.weight
         if isinstance(base, nn.QuantizedLinear):
