@@ -24,18 +24,22 @@ __version__ = "0.1.0"
 
 
 def load(model: str | Path, adapters: dict[str, str] | None = None, dtype: str | None = None,
-         quantize: int | None = None, fuse: str | None = None, max_resident_adapters: int = 8) -> Runtime:
+         quantize: int | None = None, fuse: str | None = None, max_resident_adapters: int = 8,
+         max_queue: int = 64, max_batch: int = 8) -> Runtime:
     """Load a model (a local directory or a Hugging Face id) and return a Runtime.
 
     adapters: {name: directory} of LoRA adapters (PEFT or mlx-lm files), each usable per call
     with `lora=name`. fuse: the name of one of them to merge into the weights instead.
     dtype: float32, float16 or bfloat16 (default: float32 on Linux, the checkpoint's on macOS).
     quantize: 4 or 8 to quantize the weights with MLX after loading.
+    max_resident_adapters: adapters kept in memory at once (others reload on demand).
+    max_queue: requests that may wait for the engine before new ones are refused.
+    max_batch: requests the engine decodes together.
     """
     adapters = dict(adapters or {})
     if fuse is not None and fuse not in adapters:
         raise ValueError(f"fuse={fuse!r} names no adapter: pass adapters={{{fuse!r}: path}} too")
-    runtime = Runtime(load_model(model, dtype=dtype, quantize=quantize), max_resident_adapters)
+    runtime = Runtime(load_model(model, dtype=dtype, quantize=quantize), max_resident_adapters, max_queue, max_batch)
     if fuse is not None:
         runtime.fuse_adapter(fuse, adapters.pop(fuse))
     for name, path in adapters.items():

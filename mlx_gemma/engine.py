@@ -7,12 +7,22 @@ which says "stop" (a stop id was generated; it is counted, not decoded) or "leng
 `generate_step`: step n+1 is built and handed to `mx.async_eval` before step n's token is
 read back, so Python's bookkeeping overlaps the model's compute. The engine knows token ids
 only, never text.
+
+`EngineThread` is the one thread that owns MLX: requests reach it through a bounded queue
+(`QueueFullError` when `max_queue` are waiting), each `Request` streams its steps back through
+its `emit` callback, and a cancelled request stops at its next step. Other MLX work (loading an
+adapter, a logits pass) runs on the same thread through `call`/`run`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+import contextlib
+import queue
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -22,6 +32,7 @@ from .models.cache import KVCache, make_cache
 from .sampler import GenerationParams, RowSampler, sample
 
 PREFILL_CHUNK = 512
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -78,3 +89,132 @@ def generate_tokens(
         if finish:
             return
         token = next_token
+
+
+class QueueFullError(RuntimeError):
+    """The engine's waiting queue is full: the request is refused at once."""
+
+
+def _no_adapter() -> int:
+    return 0
+
+
+def _nothing() -> None:
+    return None
+
+
+@dataclass(eq=False)
+class Request:
+    """One generation for the engine thread.
+
+    `emit` receives each StepOutput, or the exception that ended the request; it is called on
+    the engine thread and must not block. `acquire` runs on the engine thread before prefill and
+    returns the adapter slot; `release` runs once the request is over, however it ends.
+    """
+
+    prompt_ids: list[int]
+    params: GenerationParams
+    emit: Callable[[StepOutput | BaseException], None]
+    acquire: Callable[[], int] = _no_adapter
+    release: Callable[[], None] = _nothing
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+    def cancel(self) -> None:
+        """Stop this request at its next step (or before it starts); its slot is freed then."""
+        self.cancelled.set()
+
+
+class EngineThread:
+    """The one thread that runs MLX work: generation requests and calls, in arrival order.
+
+    `submit(request)` queues a generation, or raises QueueFullError at once when `max_queue`
+    requests are already waiting. `call(fn)` runs `fn` on the thread between requests and
+    returns a Future; `run(fn)` waits for it (or calls it directly on the engine thread).
+    """
+
+    def __init__(self, model: nn.Module, stop_ids: frozenset[int], context_length: int, max_queue: int = 64,
+                 max_batch: int = 8):
+        self.model = model
+        self.max_batch = max_batch
+        self.stop_ids = stop_ids
+        self.context_length = context_length
+        self.max_queue = max_queue
+        self.waiting = 0
+        self.active = 0
+        self._jobs: queue.SimpleQueue[Request | tuple[Callable[[], Any], Future] | None] = queue.SimpleQueue()
+        self._count_lock = threading.Lock()
+        self._thread = threading.Thread(target=self._loop, name="mlx-gemma-engine", daemon=True)
+        self._thread.start()
+
+    def submit(self, request: Request) -> None:
+        with self._count_lock:
+            if self.waiting >= self.max_queue:
+                raise QueueFullError(f"{self.waiting} requests are already waiting (max_queue={self.max_queue}): "
+                                     "retry shortly, or start the server with a larger --max-queue")
+            self.waiting += 1
+        self._jobs.put(request)
+
+    def call(self, fn: Callable[[], T]) -> "Future[T]":
+        future: Future[T] = Future()
+        self._jobs.put((fn, future))
+        return future
+
+    def run(self, fn: Callable[[], T]) -> T:
+        if threading.current_thread() is self._thread:
+            return fn()
+        return self.call(fn).result()
+
+    def close(self) -> None:
+        self._jobs.put(None)
+        self._thread.join(timeout=10)
+
+    def _loop(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            if isinstance(job, Request):
+                with self._count_lock:
+                    self.waiting -= 1
+                self._serve(job)
+            else:
+                _run_call(*job)
+
+    def _serve(self, request: Request) -> None:
+        if request.cancelled.is_set():
+            return
+        self.active += 1
+        try:
+            slot = request.acquire()
+            try:
+                self._generate(request, slot)
+            finally:
+                request.release()
+        except Exception as exc:  # the request's own failure; the thread serves the next one
+            _emit_quietly(request, exc)
+        finally:
+            self.active -= 1
+
+    def _generate(self, request: Request, slot: int) -> None:
+        steps = generate_tokens(self.model, request.prompt_ids, request.params, self.stop_ids,
+                                self.context_length, adapter_slot=slot)
+        with contextlib.closing(steps):
+            for step in steps:
+                if request.cancelled.is_set() or not _emit_quietly(request, step):
+                    return
+
+
+def _emit_quietly(request: Request, item: StepOutput | BaseException) -> bool:
+    """Hand an item to the request's reader; a reader that has gone away cancels the request."""
+    try:
+        request.emit(item)
+        return True
+    except Exception:
+        request.cancel()
+        return False
+
+
+def _run_call(fn: Callable[[], Any], future: Future) -> None:
+    if not future.set_running_or_notify_cancel():
+        return
+    try:
+        future.set_result(fn())
+    except BaseException as exc:
+        future.set_exception(exc)

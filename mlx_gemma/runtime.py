@@ -12,15 +12,15 @@ Contract (the public Python API; other code relies on these names):
 - `Runtime.add_adapter(name, path)`, `remove_adapter(name)`, `adapters()`: LoRA adapters
   (PEFT or mlx-lm files) kept resident beside the shared base weights; `lora="name"` picks
   one per call with no reload. `fuse_adapter(name, path)` merges one into the weights.
-Arguments are validated before any compute; a bad one raises ValueError naming it. MLX work
-is serialized by a lock, so a Runtime may be shared between threads.
+Arguments are validated before any compute; a bad one raises ValueError naming it. All MLX
+work runs on the runtime's one engine thread (`Runtime.engine`), so a Runtime may be shared
+between threads; `submit(ids, params, lora, emit)` is the non-blocking entry the server uses.
 """
 
 from __future__ import annotations
 
-import contextlib
-import threading
-from collections.abc import Iterator, Mapping, Sequence
+import queue
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -28,7 +28,7 @@ import mlx.core as mx
 import numpy as np
 
 from .chat import prompt_ids
-from .engine import StepOutput, check_prompt_length, generate_tokens
+from .engine import EngineThread, Request, StepOutput, check_prompt_length
 from .loading import LoadedModel
 from .lora import layers
 from .lora.adapters import FAMILIES
@@ -57,51 +57,82 @@ class GenerationResult:
     token_ids: list[int] = field(repr=False)
 
 
+class Pieces:
+    """Turns a request's StepOutputs into text pieces; records its token ids and finish reason."""
+
+    def __init__(self, detokenizer: Any, stop_ids: frozenset[int]):
+        self._detokenizer = detokenizer
+        self._stop_ids = stop_ids
+        self.token_ids: list[int] = []
+        self.finish_reason: str | None = None
+
+    def feed(self, step: StepOutput) -> str:
+        self.token_ids.append(step.token)
+        piece = "" if step.token in self._stop_ids else self._detokenizer.add(step.token)
+        if step.finish_reason:
+            self.finish_reason = step.finish_reason
+            piece += self._detokenizer.flush()
+        return piece
+
+
 class TextStream:
     """Iterator of text pieces for one request; usage and finish_reason are set at the end."""
 
-    def __init__(self, steps: Iterator[StepOutput], detokenizer: Any, n_prompt: int, stop_ids: frozenset[int]):
-        self._pieces = self._run(steps, detokenizer, stop_ids)
-        self._n_prompt = n_prompt
-        self.token_ids: list[int] = []
-        self.finish_reason: str | None = None
+    def __init__(self, runtime: "Runtime", ids: list[int], params: GenerationParams, lora: str | None):
+        self._items: queue.SimpleQueue[StepOutput | BaseException] = queue.SimpleQueue()
+        self._pieces = Pieces(runtime.tokenizer.detokenizer(), runtime.tokenizer.stop_ids)
+        self._n_prompt = len(ids)
+        self._request = runtime.submit(ids, params, lora, self._items.put)
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self._pieces.token_ids
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self._pieces.finish_reason
 
     @property
     def usage(self) -> Usage:
         return Usage(self._n_prompt, len(self.token_ids))
 
-    def _run(self, steps: Iterator[StepOutput], detokenizer: Any, stop_ids: frozenset[int]) -> Iterator[str]:
-        for step in steps:
-            self.token_ids.append(step.token)
-            piece = "" if step.token in stop_ids else detokenizer.add(step.token)
-            if step.finish_reason:
-                self.finish_reason = step.finish_reason
-                piece += detokenizer.flush()
-            if piece:
-                yield piece
-
     def __iter__(self) -> "TextStream":
         return self
 
     def __next__(self) -> str:
-        return next(self._pieces)
+        while self._pieces.finish_reason is None:
+            item = self._items.get()
+            if isinstance(item, BaseException):
+                self._pieces.finish_reason = "error"
+                raise item
+            piece = self._pieces.feed(item)
+            if piece:
+                return piece
+        raise StopIteration
 
     def close(self) -> None:
-        """Stop generating now and release the runtime (also done when the stream is garbage-collected)."""
-        self._pieces.close()
-        self.finish_reason = self.finish_reason or "cancelled"
+        """Stop generating now and free the engine for others (also done when garbage-collected)."""
+        self._request.cancel()
+        self._pieces.finish_reason = self._pieces.finish_reason or "cancelled"
+
+    def __del__(self) -> None:
+        request = getattr(self, "_request", None)
+        if request is not None:
+            request.cancel()
 
 
 class Runtime:
-    def __init__(self, loaded: LoadedModel, max_resident_adapters: int = 8):
+    def __init__(self, loaded: LoadedModel, max_resident_adapters: int = 8, max_queue: int = 64,
+                 max_batch: int = 8):
         self.loaded = loaded
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.name = loaded.name
         self.fused: dict[str, Any] | None = None
-        self._lock = threading.Lock()
         family = FAMILIES[loaded.config["model_type"]]
         self.registry = AdapterRegistry(self.model, family, max_resident=max_resident_adapters)
+        self.engine = EngineThread(self.model, self.tokenizer.stop_ids, loaded.context_length,
+                                   max_queue=max_queue, max_batch=max_batch)
 
     def __repr__(self) -> str:
         fused = f", fused={self.fused['name']!r}" if self.fused else ""
@@ -109,13 +140,11 @@ class Runtime:
 
     def add_adapter(self, name: str, path: str) -> dict[str, Any]:
         """Validate and load a LoRA adapter directory under `name`; replaces one of that name."""
-        with self._lock:
-            return self.registry.add(name, path).describe()
+        return self.engine.run(lambda: self.registry.add(name, path).describe())
 
     def remove_adapter(self, name: str) -> None:
         try:
-            with self._lock:
-                self.registry.remove(name)
+            self.engine.run(lambda: self.registry.remove(name))
         except KeyError:
             raise ValueError(f"no adapter named {name!r}: loaded are {self.registry.names()}") from None
 
@@ -124,11 +153,10 @@ class Runtime:
 
     def fuse_adapter(self, name: str, path: str) -> dict[str, Any]:
         """Merge an adapter into the base weights for zero overhead; it then serves every request."""
-        with self._lock:
-            if self.registry.names():
-                raise ValueError("fuse before adding resident adapters: they were validated against the unfused base")
-            adapter = self.registry.read(name, path)
-            dequantized = layers.fuse(self.model, adapter)
+        if self.registry.names():
+            raise ValueError("fuse before adding resident adapters: they were validated against the unfused base")
+        adapter = self.engine.run(lambda: self.registry.read(name, path))
+        dequantized = self.engine.run(lambda: layers.fuse(self.model, adapter))
         self.fused = {**adapter.describe(), "dequantized_layers": dequantized,
                       "precision": _fused_precision(self.loaded, dequantized)}
         return self.fused
@@ -144,15 +172,16 @@ class Runtime:
             raise ValueError(f"lora={lora!r}: no adapter of that name is loaded "
                              f"(loaded: {', '.join(self.registry.names()) or 'none'})")
 
-    @contextlib.contextmanager
-    def _adapter_slot(self, lora: str | None) -> Iterator[int]:
+    def _acquire(self, lora: str | None) -> int:
         if self._uses_base(lora):
-            yield 0
-            return
-        slot = self.registry.acquire(lora)
+            return 0
         try:
-            yield slot
-        finally:
+            return self.registry.acquire(lora)
+        except KeyError:
+            raise ValueError(f"lora={lora!r}: the adapter was removed before the request started") from None
+
+    def _release(self, lora: str | None) -> None:
+        if not self._uses_base(lora):
             self.registry.release(lora)
 
     def prepare(self, prompt: str | None = None, messages: Sequence[Mapping[str, Any]] | None = None,
@@ -164,10 +193,12 @@ class Runtime:
         check_prompt_length(len(ids), self.loaded.context_length)
         return ids, params
 
-    def _locked_steps(self, ids: list[int], params: GenerationParams, lora: str | None) -> Iterator[StepOutput]:
-        with self._lock, self._adapter_slot(lora) as slot:
-            yield from generate_tokens(self.model, ids, params, self.tokenizer.stop_ids,
-                                       self.loaded.context_length, adapter_slot=slot)
+    def submit(self, ids: list[int], params: GenerationParams, lora: str | None,
+               emit: Callable[[StepOutput | BaseException], None]) -> Request:
+        """Queue a prepared request on the engine thread; `emit` gets its steps. Raises QueueFullError."""
+        request = Request(ids, params, emit, acquire=lambda: self._acquire(lora), release=lambda: self._release(lora))
+        self.engine.submit(request)
+        return request
 
     def stream(self, prompt: str | None = None, messages: Sequence[Mapping[str, Any]] | None = None,
                raw: bool = False, lora: str | None = None, max_tokens: int = 256, temperature: float = 0.6,
@@ -177,8 +208,7 @@ class Runtime:
         ids, params = self.prepare(prompt, messages, raw, lora, max_tokens=max_tokens, temperature=temperature,
                                    top_p=top_p, top_k=top_k, seed=seed, repetition_penalty=repetition_penalty,
                                    frequency_penalty=frequency_penalty, presence_penalty=presence_penalty)
-        steps = self._locked_steps(ids, params, lora)
-        return TextStream(steps, self.tokenizer.detokenizer(), len(ids), self.tokenizer.stop_ids)
+        return TextStream(self, ids, params, lora)
 
     def generate(self, prompt: str | None = None, messages: Sequence[Mapping[str, Any]] | None = None,
                  raw: bool = False, lora: str | None = None, max_tokens: int = 256, temperature: float = 0.6,
@@ -194,10 +224,15 @@ class Runtime:
         """Logits of every position for the given ids, in one forward pass without cache."""
         self._check_lora(lora)
         ids = _check_token_ids(token_ids, self.model.args.vocab_size)
-        with self._lock, self._adapter_slot(lora) as slot:
+        return self.engine.run(lambda: self._forward(ids, lora))
+
+    def _forward(self, ids: list[int], lora: str | None) -> np.ndarray:
+        slot = self._acquire(lora)
+        try:
             layers.set_rows(self.model, [slot])
-            out = self.model(mx.array(ids, dtype=mx.int32)[None])[0].astype(mx.float32)
-            return np.array(out)
+            return np.array(self.model(mx.array(ids, dtype=mx.int32)[None])[0].astype(mx.float32))
+        finally:
+            self._release(lora)
 
 
 def _fused_precision(loaded: LoadedModel, dequantized: int) -> str:
