@@ -17,6 +17,11 @@ Refused, each with its reason: DoRA, `modules_to_save`, `bias` other than "none"
 types, pickled `.bin` weights, unknown modules, mismatched shapes, rank over the limit (default
 32), files over the size limit (default 300 MB), non-finite weights, an adapter `model_type`
 of another family than the base.
+
+`check_adapter_files(path, base)` validates whatever PEFT files a directory holds so far (an
+upload may bring one file at a time): with both files and a base it is `read_adapter`;
+otherwise the config is checked alone and the safetensors header is parsed without loading a
+tensor (dtypes F16/BF16/F32, 2-D LoRA A/B weights, offsets tiling the data exactly).
 """
 
 from __future__ import annotations
@@ -37,6 +42,8 @@ MLX_LM_WEIGHTS = "adapters.safetensors"
 CONFIG = "adapter_config.json"
 PEFT_PREFIX = "base_model.model."
 FAMILIES = {"gemma": "gemma", "gemma3": "gemma3", "gemma3_text": "gemma3"}
+_SAFETENSORS_DTYPES = {"F16": 2, "BF16": 2, "F32": 4}  # dtype -> bytes per element
+_MAX_HEADER_BYTES = 100 * 1000 * 1000
 
 
 class AdapterError(ValueError):
@@ -104,6 +111,127 @@ def read_adapter(path: str | Path, base: BaseInfo, name: str | None = None,
     if problems or not modules:
         raise AdapterError(path, problems or ["the weights file holds no LoRA tensors"])
     return Adapter(name or path.name, path, fmt, modules, _content_hash(path / CONFIG, weights_file), config)
+
+
+def check_adapter_files(path: str | Path, base: BaseInfo | None = None,
+                        limits: AdapterLimits = AdapterLimits()) -> None:
+    """Validate whatever PEFT files a directory holds (one or both); raise AdapterError listing the problems.
+
+    Both files and a base given: exactly `read_adapter(path, base)`. Otherwise each present file is
+    checked alone: the config against the base's family (none without a base), the weights by
+    their safetensors header only, without loading a tensor.
+    """
+    path = Path(path).expanduser()
+    config_file, weights_file = path / CONFIG, path / PEFT_WEIGHTS
+    if base is not None and config_file.is_file() and weights_file.is_file():
+        read_adapter(path, base, limits=limits)
+        return
+    if not config_file.is_file() and not weights_file.is_file():
+        where = "in the adapter directory" if path.is_dir() else f"at {str(path)!r}: no such directory"
+        raise AdapterError(path, [f"neither {CONFIG} nor {PEFT_WEIGHTS} {where}"])
+    problems: list[str] = []
+    if config_file.is_file() and _within_limit(config_file, limits, problems):
+        _check_config_alone(config_file, base, problems)
+    if weights_file.is_file() and _within_limit(weights_file, limits, problems):
+        _check_safetensors_header(weights_file, problems)
+    if problems:
+        raise AdapterError(path, problems)
+
+
+def _within_limit(file: Path, limits: AdapterLimits, problems: list[str]) -> bool:
+    size = file.stat().st_size
+    if size > limits.max_file_bytes:
+        problems.append(f"{file.name} is {size} bytes, over the limit of {limits.max_file_bytes}")
+    return size <= limits.max_file_bytes
+
+
+def _check_config_alone(file: Path, base: BaseInfo | None, problems: list[str]) -> None:
+    config = _read_config(file, problems)
+    if config is not None:
+        # Without a base, the config's own family: the model_type check then cannot fail.
+        family = base.family if base is not None else FAMILIES.get(config.get("model_type"))
+        _check_config(config, "peft", family, problems)
+
+
+def _check_safetensors_header(file: Path, problems: list[str]) -> None:
+    parsed = _read_safetensors_header(file, problems)
+    if parsed is None:
+        return
+    header, data_bytes = parsed
+    if not isinstance(header.pop("__metadata__", {}), dict):
+        problems.append(f"{file.name}: __metadata__ must be a JSON object")
+    if not header:
+        problems.append(f"{file.name} holds no LoRA tensors")
+    spans = _tensor_spans(file.name, header, problems)
+    if spans is not None and not _tiles(sorted(spans), data_bytes):
+        problems.append(f"{file.name}: tensor data_offsets do not tile the {data_bytes} data bytes exactly")
+
+
+def _tensor_spans(file_name: str, header: dict, problems: list[str]) -> list[tuple[int, int]] | None:
+    """Each tensor's [begin, end) in the data section, or None if any entry is malformed."""
+    spans = []
+    for key, info in header.items():
+        if _split_peft_key(key) is None:
+            problems.append(f"tensor {key!r} is not a LoRA A/B weight (keys end in lora_A.weight or lora_B.weight)")
+        problem = _tensor_entry_problem(info)
+        if problem:
+            problems.append(f"{file_name}: tensor {key!r} {problem}")
+        else:
+            spans.append((info["data_offsets"][0], info["data_offsets"][1]))
+    return spans if len(spans) == len(header) else None
+
+
+def _read_safetensors_header(file: Path, problems: list[str]) -> tuple[dict, int] | None:
+    """The header object and the size of the data that follows it, or None with a problem noted."""
+    size = file.stat().st_size
+    with file.open("rb") as handle:
+        prefix = handle.read(8)
+        length = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
+        if not 0 < length <= min(_MAX_HEADER_BYTES, size - 8):
+            problems.append(f"{file.name} is not a valid safetensors file (header length {length} "
+                            f"in a file of {size} bytes; at most {_MAX_HEADER_BYTES} and the file size - 8)")
+            return None
+        raw = handle.read(length)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except ValueError as exc:  # UnicodeDecodeError is a ValueError
+        problems.append(f"{file.name} is not a valid safetensors file (header is not UTF-8 JSON: {exc})")
+        return None
+    if not isinstance(header, dict):
+        problems.append(f"{file.name} is not a valid safetensors file (header is not a JSON object)")
+        return None
+    return header, size - 8 - length
+
+
+def _tensor_entry_problem(info: Any) -> str | None:
+    if not isinstance(info, dict):
+        return "must be described by a JSON object"
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if dtype not in _SAFETENSORS_DTYPES:
+        return f"has dtype {dtype!r}: only {', '.join(_SAFETENSORS_DTYPES)} are served"
+    if not (isinstance(shape, list) and len(shape) == 2 and all(_is_count(d) for d in shape)):
+        return f"has shape {shape!r}: a LoRA weight is a 2-D list of sizes"
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)):
+        return f"has data_offsets {offsets!r}: expected [begin, end]"
+    expected = math.prod(shape) * _SAFETENSORS_DTYPES[dtype]
+    if offsets[1] - offsets[0] != expected:
+        return (f"has data_offsets {offsets!r} spanning {offsets[1] - offsets[0]} bytes, "
+                f"not the {expected} its shape needs")
+    return None
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _tiles(spans: list[tuple[int, int]], total: int) -> bool:
+    """Sorted [begin, end) spans cover [0, total) with no gap or overlap, as safetensors requires."""
+    position = 0
+    for begin, end in spans:
+        if begin != position:
+            return False
+        position = end
+    return position == total
 
 
 def _read_files(path: Path, limits: AdapterLimits, problems: list[str]) -> tuple[dict | None, Path | None]:

@@ -7,19 +7,43 @@ When a new adapter needs room, the least recently used adapter that no request i
 evicted (it stays known and reloads on demand); if every resident adapter is in use, the
 request is refused with a message saying so. `remove(name)` forgets an adapter.
 Switching between resident adapters copies nothing: each request just carries a slot.
+
+`FinetuneStore(data_dir)` keeps fine-tunes on local disk, as Workers AI's fine-tunes API does:
+a row per fine-tune in `<data_dir>/finetunes.sqlite3` (table `finetunes`, unique names) and its
+PEFT files (`ASSET_NAMES`) in `<data_dir>/finetunes/<id>/`; uploads stream into `<data_dir>/tmp/`.
+- `create` makes the directory, then inserts the row; `delete` removes the row, then the
+  directory; so a crash leaves at most an orphan directory, never a row without its directory.
+- `add_asset` streams the upload (refused over `max_file_bytes`), validates it together with the
+  fine-tune's other file (the `validate` callable, else `check_adapter_files` with no base), then
+  fsyncs it and `os.replace`s it into place: readers see the old file or the new one, never half.
+  Any exception, including one from the upload's `read()`, leaves the store as it was.
+- Opening a store recovers from a killed process: it empties `tmp/`, deletes directories that have
+  no row and files that are not assets. It never deletes a row. `check()` lists what is
+  inconsistent (empty when all is well); an upload in progress shows there as a `tmp/` entry.
+Every refusal is a `FinetuneError` (a ValueError) whose message names the bad value and the fix.
+One process owns a data directory (opening it clears `tmp/`); threads within it may share the store.
 """
 
 from __future__ import annotations
 
+import os
+import re
+import shutil
+import sqlite3
 import threading
+import uuid
 from collections import Counter, OrderedDict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import mlx.nn as nn
 
 from . import layers
-from .adapters import Adapter, AdapterLimits, BaseInfo, read_adapter
+from .adapters import Adapter, AdapterError, AdapterLimits, BaseInfo, check_adapter_files, read_adapter
 
 
 class AdapterBusyError(RuntimeError):
@@ -121,3 +145,310 @@ class AdapterRegistry:
 def _check_name(name: Any) -> None:
     if not isinstance(name, str) or not name.strip():
         raise ValueError(f"adapter name {name!r} must be a non-empty string")
+
+
+class FinetuneError(ValueError):
+    """A fine-tune request is refused; the message names the bad value and the fix."""
+
+
+class FinetuneNotFound(FinetuneError):
+    """No fine-tune has that id or name."""
+
+
+class FinetuneExists(FinetuneError):
+    """The name is taken: names are unique."""
+
+
+class AssetError(FinetuneError):
+    """An upload is refused: wrong file_name, invalid content, or an adapter the validator refused."""
+
+
+class AssetTooLarge(AssetError):
+    """An upload is bigger than the store's limit."""
+
+
+ASSET_NAMES = ("adapter_config.json", "adapter_model.safetensors")
+MAX_NAME_CHARS = 128
+MAX_DESCRIPTION_CHARS = 1024
+UPLOAD_CHUNK_BYTES = 1024 * 1024
+_NAME_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*")
+_COLUMNS = ("id", "name", "model", "description", "public", "created_at", "modified_at")
+_SCHEMA = """CREATE TABLE IF NOT EXISTS finetunes (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    model TEXT NOT NULL,
+    description TEXT NOT NULL,
+    public INTEGER NOT NULL CHECK (public IN (0, 1)),
+    created_at TEXT NOT NULL,
+    modified_at TEXT NOT NULL)"""
+
+
+@dataclass(frozen=True)
+class Finetune:
+    id: str  # uuid4
+    name: str
+    model: str  # the base model name given at creation, e.g. "@cf/google/gemma-2b-it-lora"
+    description: str
+    public: bool
+    created_at: str  # ISO 8601 UTC ending in "Z"
+    modified_at: str
+    path: Path  # <data_dir>/finetunes/<id>
+    files: tuple[str, ...]  # the ASSET_NAMES present, in ASSET_NAMES order
+
+    @property
+    def complete(self) -> bool:
+        return not self.missing()
+
+    def missing(self) -> list[str]:
+        return [name for name in ASSET_NAMES if name not in self.files]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {column: getattr(self, column) for column in _COLUMNS}
+
+
+class FinetuneStore:
+    def __init__(self, data_dir: str | Path, validate: Callable[[Path], None] | None = None,
+                 max_file_bytes: int = 300 * 1024 * 1024):
+        self.data_dir = Path(data_dir).expanduser()
+        self.db_path = self.data_dir / "finetunes.sqlite3"
+        self.finetunes_dir = self.data_dir / "finetunes"
+        self.tmp_dir = self.data_dir / "tmp"
+        self.max_file_bytes = max_file_bytes
+        limits = AdapterLimits(max_file_bytes=max_file_bytes)
+        self._validate = validate or (lambda staging: check_adapter_files(staging, None, limits))
+        self._lock = threading.Lock()
+        for directory in (self.data_dir, self.finetunes_dir, self.tmp_dir):
+            directory.mkdir(parents=True, exist_ok=True)
+        with self._db() as conn:
+            conn.execute(_SCHEMA)
+        self._recover()
+
+    @contextmanager
+    def _db(self) -> Iterator[sqlite3.Connection]:
+        """A fresh connection for one operation: one transaction, committed or rolled back, then closed."""
+        conn = sqlite3.connect(self.db_path, timeout=30)
+        try:
+            with conn:
+                yield conn
+        finally:
+            conn.close()
+
+    def _recover(self) -> None:
+        """Undo what a killed process left half done; rows are never deleted."""
+        with self._lock:
+            for entry in self.tmp_dir.iterdir():
+                _remove(entry)
+            ids = self._ids()
+            for entry in self.finetunes_dir.iterdir():
+                if entry.name not in ids or not entry.is_dir():
+                    _remove(entry)
+                    continue
+                for stray in entry.iterdir():
+                    if not _is_asset(stray):
+                        _remove(stray)
+
+    def _ids(self) -> set[str]:
+        with self._db() as conn:
+            return {row[0] for row in conn.execute("SELECT id FROM finetunes")}
+
+    def create(self, model: str, name: str, description: str = "", public: bool = False) -> Finetune:
+        _check_fields(model, name, description, public)
+        finetune_id, now = str(uuid.uuid4()), _now()
+        directory = self.finetunes_dir / finetune_id
+        with self._lock:
+            directory.mkdir()  # first: a crash before the insert leaves only an empty orphan directory
+            try:
+                with self._db() as conn:
+                    conn.execute(f"INSERT INTO finetunes ({', '.join(_COLUMNS)}) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                                 (finetune_id, name, model, description, int(public), now, now))
+            except BaseException as exc:
+                directory.rmdir()
+                if isinstance(exc, sqlite3.IntegrityError) and _taken(exc):
+                    raise FinetuneExists(f"a fine-tune named {name!r} already exists: pick another name, "
+                                         "or add assets to the existing one") from exc
+                raise
+        return self.get(finetune_id)
+
+    def get(self, id_or_name: str) -> Finetune:
+        """By id first, then by name."""
+        row = None
+        if isinstance(id_or_name, str):
+            with self._db() as conn:
+                for column in ("id", "name"):
+                    row = row or conn.execute(f"SELECT {', '.join(_COLUMNS)} FROM finetunes WHERE {column} = ?",
+                                              (id_or_name,)).fetchone()
+        if row is None:
+            raise FinetuneNotFound(f"no fine-tune with id or name {id_or_name!r}: "
+                                   "create it first, or use an id or name from the listing")
+        return self._finetune(row)
+
+    def list(self, public_only: bool = False) -> list[Finetune]:
+        where = " WHERE public = 1" if public_only else ""
+        with self._db() as conn:
+            rows = conn.execute(f"SELECT {', '.join(_COLUMNS)} FROM finetunes{where} "
+                                "ORDER BY created_at, rowid").fetchall()
+        return [self._finetune(row) for row in rows]
+
+    def _finetune(self, row: tuple) -> Finetune:
+        values = dict(zip(_COLUMNS, row))
+        path = self.finetunes_dir / values["id"]
+        files = tuple(name for name in ASSET_NAMES if (path / name).is_file())
+        return Finetune(**{**values, "public": bool(values["public"])}, path=path, files=files)
+
+    def add_asset(self, id_or_name: str, file_name: str, source: BinaryIO | bytes) -> Finetune:
+        if file_name not in ASSET_NAMES:
+            raise AssetError(f"file_name {file_name!r} is not an asset of a fine-tune: "
+                             f"upload {ASSET_NAMES[0]!r} or {ASSET_NAMES[1]!r}")
+        finetune_id = self.get(id_or_name).id  # refuse an unknown fine-tune before reading the upload
+        upload = self.tmp_dir / f"{uuid.uuid4()}.upload"
+        try:
+            self._receive(source, upload, file_name)  # outside the lock: a slow client blocks no one
+            with self._lock:
+                finetune = self.get(finetune_id)
+                self._check_asset(finetune, file_name, upload)
+                self._install(finetune, file_name, upload)
+        finally:
+            upload.unlink(missing_ok=True)
+        return self.get(finetune_id)
+
+    def _receive(self, source: BinaryIO | bytes, upload: Path, file_name: str) -> None:
+        """Stream `source` into `upload`, fsynced; refuse it when empty or over the limit."""
+        size = 0
+        with upload.open("wb") as out:
+            for chunk in _chunks(source):
+                size += len(chunk)
+                if size > self.max_file_bytes:
+                    raise AssetTooLarge(f"{file_name} is over the limit of {self.max_file_bytes} bytes: "
+                                        "upload a smaller adapter (a lower rank), or raise max_file_bytes")
+                out.write(chunk)
+            out.flush()
+            os.fsync(out.fileno())
+        if size == 0:
+            raise AssetError(f"{file_name} is empty: upload the file's contents")
+
+    def _check_asset(self, finetune: Finetune, file_name: str, upload: Path) -> None:
+        """Validate the upload together with the fine-tune's other asset, if it has one, in a staging directory."""
+        staging = self.tmp_dir / f"{uuid.uuid4()}.staging"
+        try:
+            staging.mkdir()
+            _link_or_copy(upload, staging / file_name)
+            for other in finetune.files:
+                if other != file_name:
+                    _link_or_copy(finetune.path / other, staging / other)
+            self._validate(staging)
+        except AdapterError as exc:
+            raise AssetError(f"{file_name} for fine-tune {finetune.name!r} refused: "
+                             + "; ".join(exc.problems)) from exc
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def _install(self, finetune: Finetune, file_name: str, upload: Path) -> None:
+        """Swap the upload in and bump modified_at together: if either fails, the old file comes back."""
+        target = finetune.path / file_name
+        backup = self.tmp_dir / f"{uuid.uuid4()}.previous"
+        had_previous = target.is_file()
+        if had_previous:
+            _link_or_copy(target, backup)
+        finetune.path.mkdir(exist_ok=True)  # repairs a fine-tune whose directory went missing
+        swapped = False
+        try:
+            with self._db() as conn:
+                conn.execute("UPDATE finetunes SET modified_at = ? WHERE id = ?", (_now(), finetune.id))
+                os.replace(upload, target)
+                swapped = True
+                _fsync_dir(finetune.path)
+        except BaseException:
+            if swapped and had_previous:
+                os.replace(backup, target)
+            elif swapped:
+                target.unlink(missing_ok=True)
+            raise
+        finally:
+            backup.unlink(missing_ok=True)
+
+    def delete(self, id_or_name: str) -> Finetune:
+        with self._lock:
+            finetune = self.get(id_or_name)
+            with self._db() as conn:
+                conn.execute("DELETE FROM finetunes WHERE id = ?", (finetune.id,))
+            shutil.rmtree(finetune.path, ignore_errors=True)  # after the row: a crash leaves an orphan dir
+        return finetune
+
+    def check(self) -> list[str]:
+        """Every inconsistency between the database, the fine-tune directories and tmp/; empty if none."""
+        with self._lock:
+            with self._db() as conn:
+                integrity = [row[0] for row in conn.execute("PRAGMA integrity_check")]
+            problems = [f"database: {line}" for line in integrity if line != "ok"]
+            ids = self._ids()
+            problems += [f"fine-tune {i} has no directory {self.finetunes_dir / i}"
+                         for i in sorted(ids) if not (self.finetunes_dir / i).is_dir()]
+            for entry in sorted(self.finetunes_dir.iterdir()):
+                if entry.name not in ids or not entry.is_dir():
+                    problems.append(f"{entry} belongs to no fine-tune")
+                    continue
+                problems += [f"{stray} is not an asset ({', '.join(ASSET_NAMES)})"
+                             for stray in sorted(entry.iterdir()) if not _is_asset(stray)]
+            problems += [f"{entry} is left over in tmp/" for entry in sorted(self.tmp_dir.iterdir())]
+            return problems
+
+
+def _check_fields(model: Any, name: Any, description: Any, public: Any) -> None:
+    if not (isinstance(name, str) and len(name) <= MAX_NAME_CHARS and _NAME_RE.fullmatch(name)):
+        raise FinetuneError(f"fine-tune name {name!r} is refused: use 1 to {MAX_NAME_CHARS} characters among "
+                            "letters, digits, '-', '_' and '.', not starting with '.'")
+    if not isinstance(model, str) or not model.strip():
+        raise FinetuneError(f"model {model!r} is refused: give the base model's name, "
+                            "e.g. '@cf/google/gemma-2b-it-lora'")
+    if not isinstance(description, str) or len(description) > MAX_DESCRIPTION_CHARS:
+        shown = f"of {len(description)} characters" if isinstance(description, str) else repr(description)
+        raise FinetuneError(f"description {shown} is refused: "
+                            f"use a string of at most {MAX_DESCRIPTION_CHARS} characters")
+    if not isinstance(public, bool):
+        raise FinetuneError(f"public {public!r} is refused: use true or false")
+
+
+def _taken(exc: sqlite3.IntegrityError) -> bool:
+    return "finetunes.name" in str(exc)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _chunks(source: BinaryIO | bytes) -> Iterator[bytes]:
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        view = memoryview(source)
+        for start in range(0, len(view), UPLOAD_CHUNK_BYTES):
+            yield bytes(view[start:start + UPLOAD_CHUNK_BYTES])
+        return
+    while chunk := source.read(UPLOAD_CHUNK_BYTES):
+        if not isinstance(chunk, (bytes, bytearray)):
+            raise AssetError(f"the upload yielded {type(chunk).__name__}, not bytes: open the file in binary mode")
+        yield chunk
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    try:
+        os.link(source, target)
+    except OSError:  # a filesystem without hard links
+        shutil.copyfile(source, target)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _is_asset(entry: Path) -> bool:
+    return entry.name in ASSET_NAMES and entry.is_file() and not entry.is_symlink()
+
+
+def _remove(entry: Path) -> None:
+    if entry.is_dir() and not entry.is_symlink():
+        shutil.rmtree(entry)
+    else:
+        entry.unlink(missing_ok=True)
