@@ -1,4 +1,4 @@
-"""Command line: `mlx-gemma generate ...` and `mlx-gemma fuse ...`.
+"""Command line: `mlx-gemma serve | generate | finetune | fuse`.
 
 Each subcommand parses its flags, calls the Python API, and turns a bad value into one line
 on stderr naming it, with exit status 2.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -50,9 +51,64 @@ def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return {name: getattr(args, name) for name in names}
 
 
+def _adapter_arg(value: str) -> tuple[str, str]:
+    name, sep, path = value.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"--adapter {value!r}: write NAME=PATH, e.g. --adapter sql=./sql-lora")
+    return name, path
+
+
+def default_data_dir() -> Path:
+    """$MLX_GEMMA_DATA_DIR, else the user's cache directory (~/Library/Caches on macOS)."""
+    if os.environ.get("MLX_GEMMA_DATA_DIR"):
+        return Path(os.environ["MLX_GEMMA_DATA_DIR"]).expanduser()
+    if sys.platform == "darwin":
+        return Path.home() / "Library" / "Caches" / "mlx-gemma"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mlx-gemma"
+
+
+def add_serve_parser(commands: Any) -> None:
+    serve = commands.add_parser("serve", help="serve the Workers AI and OpenAI routes over HTTP")
+    serve.add_argument("--model", default=os.environ.get("MLX_GEMMA_MODEL", "google/gemma-2b-it"),
+                       help="local model directory or Hugging Face id (default: $MLX_GEMMA_MODEL or google/gemma-2b-it)")
+    serve.add_argument("--dtype", choices=sorted(DTYPES), help="weights dtype (default: float32 on Linux)")
+    serve.add_argument("--quantize", type=int, choices=(4, 8), help="quantize weights to 4 or 8 bits")
+    serve.add_argument("--adapter", type=_adapter_arg, action="append", default=[], metavar="NAME=PATH",
+                       help="a LoRA adapter served as lora=NAME (repeatable)")
+    serve.add_argument("--fuse", metavar="NAME", help="merge the --adapter of that name into the weights")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8787)
+    serve.add_argument("--data-dir", type=Path, default=None, help="fine-tune store (default: the user cache dir)")
+    serve.add_argument("--api-token", default=os.environ.get("MLX_GEMMA_API_TOKEN"),
+                       help="require Authorization: Bearer TOKEN (default: $MLX_GEMMA_API_TOKEN)")
+    serve.add_argument("--max-batch", type=int, default=8, help="rows decoded together")
+    serve.add_argument("--max-queue", type=int, default=64, help="requests that may wait; more get 429")
+    serve.add_argument("--max-resident-adapters", type=int, default=8)
+    serve.set_defaults(func=cmd_serve)
+
+
+def add_finetune_parser(commands: Any) -> None:
+    finetune = commands.add_parser("finetune", help="manage the local fine-tune store (like wrangler ai finetune)")
+    actions = finetune.add_subparsers(dest="action", required=True)
+    create = actions.add_parser("create", help="store an adapter folder as a fine-tune")
+    create.add_argument("model", help="the base model name, e.g. @cf/google/gemma-2b-it-lora")
+    create.add_argument("name", help="the fine-tune's unique name")
+    create.add_argument("folder", type=Path, help="folder with adapter_config.json and adapter_model.safetensors")
+    create.add_argument("--description", default="")
+    create.add_argument("--public", action="store_true")
+    listing = actions.add_parser("list", help="list the stored fine-tunes")
+    listing.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    delete = actions.add_parser("delete", help="delete a fine-tune by id or name")
+    delete.add_argument("finetune", help="id or name")
+    for action in (create, listing, delete):
+        action.add_argument("--data-dir", type=Path, default=None, help="the store (default: the user cache dir)")
+        action.set_defaults(func=cmd_finetune)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mlx-gemma", description="Gemma on MLX with per-request LoRA")
     commands = parser.add_subparsers(dest="command", required=True)
+    add_serve_parser(commands)
     gen = commands.add_parser("generate", help="generate text, streamed to stdout")
     add_model_flags(gen)
     source = gen.add_mutually_exclusive_group(required=True)
@@ -68,7 +124,87 @@ def build_parser() -> argparse.ArgumentParser:
     fuse.add_argument("--adapter", required=True, help="the LoRA adapter directory")
     fuse.add_argument("--out", required=True, help="directory for the fused checkpoint")
     fuse.set_defaults(func=cmd_fuse)
+    add_finetune_parser(commands)
     return parser
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    import mlx_gemma
+    from .server.app import build_app
+    from .server.service import Settings
+
+    adapters = dict(args.adapter)
+    for name, value in (("--max-batch", args.max_batch), ("--max-queue", args.max_queue)):
+        if value < 1:
+            raise ValueError(f"{name} {value}: give a positive number")
+    runtime = mlx_gemma.load(args.model, adapters=adapters, dtype=args.dtype, quantize=args.quantize, fuse=args.fuse,
+                             max_resident_adapters=args.max_resident_adapters, max_queue=args.max_queue,
+                             max_batch=args.max_batch)
+    settings = Settings(data_dir=args.data_dir or default_data_dir(), api_token=args.api_token or None)
+    app = build_app(runtime, settings)
+    _log_serving(app.state.service, args)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+
+
+def _log_serving(service: Any, args: argparse.Namespace) -> None:
+    runtime = service.runtime
+    names = ", ".join(service.served_models())
+    finetunes = service.store.list()
+    lines = [f"mlx-gemma: serving {runtime!r} ({_platform.blas_note()})",
+             f"mlx-gemma: models: {names}",
+             f"mlx-gemma: adapters: {', '.join(sorted(service.static_adapters)) or 'none'}"
+             + (f"; fused: {runtime.fused['name']}" if runtime.fused else ""),
+             f"mlx-gemma: fine-tunes: {len(finetunes)} in {service.settings.data_dir}"
+             + (f" ({', '.join(f.name for f in finetunes)})" if finetunes else ""),
+             f"mlx-gemma: max batch {args.max_batch}, max queue {args.max_queue}"
+             + (", bearer token required" if service.settings.api_token else ", no token required"),
+             f"mlx-gemma: Workers AI: POST http://{args.host}:{args.port}/client/v4/accounts/<account>/ai/run/"
+             f"{service.served_models()[0]}  OpenAI: http://{args.host}:{args.port}/v1"]
+    print("\n".join(lines), file=sys.stderr, flush=True)
+
+
+def cmd_finetune(args: argparse.Namespace) -> None:
+    from .lora.store import FinetuneStore
+
+    store = FinetuneStore(args.data_dir or default_data_dir())
+    if args.action == "create":
+        finetune = _create_finetune(store, args)
+        print(f"created fine-tune {finetune.name} ({finetune.id}) for {finetune.model} in {store.data_dir}")
+    elif args.action == "delete":
+        finetune = store.delete(args.finetune)
+        print(f"deleted fine-tune {finetune.name} ({finetune.id})")
+    elif args.json:
+        print(json.dumps([f.to_dict() for f in store.list()], indent=2))
+    else:
+        _print_finetunes(store.list())
+
+
+def _create_finetune(store: Any, args: argparse.Namespace) -> Any:
+    from .lora.store import ASSET_NAMES
+
+    missing = [name for name in ASSET_NAMES if not (args.folder / name).is_file()]
+    if missing:
+        raise ValueError(f"{args.folder} has no {' or '.join(missing)}: a fine-tune needs both {' and '.join(ASSET_NAMES)}")
+    finetune = store.create(args.model, args.name, args.description, args.public)
+    try:
+        for name in ASSET_NAMES:
+            with open(args.folder / name, "rb") as source:
+                finetune = store.add_asset(finetune.id, name, source)
+    except BaseException:
+        store.delete(finetune.id)  # all or nothing
+        raise
+    return finetune
+
+
+def _print_finetunes(finetunes: list[Any]) -> None:
+    if not finetunes:
+        print("no fine-tunes")
+        return
+    print(f"{'id':36}  {'name':24}  {'model':30}  {'files':5}  description")
+    for f in finetunes:
+        print(f"{f.id:36}  {f.name:24}  {f.model:30}  {len(f.files)}/2    {f.description}")
 
 
 def cmd_generate(args: argparse.Namespace) -> None:

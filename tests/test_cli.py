@@ -87,3 +87,40 @@ def test_bad_adapter_exits_non_zero(tiny_dir, tmp_path):
     assert done.returncode == 2 and "refused: no adapter_config.json" in done.stderr
     done = cli("generate", "--model", str(tiny_dir), "--prompt", "x", "--fuse")
     assert done.returncode == 2 and "--fuse needs --adapter PATH" in done.stderr
+
+
+def test_finetune_create_list_delete(tmp_path):
+    from conftest import FIXTURES
+
+    store = ["--data-dir", str(tmp_path)]
+    created = cli("finetune", "create", "@cf/google/gemma-2b-it-lora", "sql", str(FIXTURES / "adapters" / "all7_r8"),
+                  "--description", "SQL helper", *store)
+    assert created.returncode == 0, created.stderr
+    assert created.stdout.startswith("created fine-tune sql (")
+    listed = json.loads(cli("finetune", "list", "--json", *store).stdout)
+    assert [(f["name"], f["model"], f["description"], f["public"]) for f in listed] == [
+        ("sql", "@cf/google/gemma-2b-it-lora", "SQL helper", False)]
+    assert listed[0]["id"] in cli("finetune", "list", *store).stdout
+    again = cli("finetune", "create", "@cf/google/gemma-2b-it-lora", "sql", str(FIXTURES / "adapters" / "all7_r8"), *store)
+    assert again.returncode == 2 and "a fine-tune named 'sql' already exists" in again.stderr
+    deleted = cli("finetune", "delete", "sql", *store)
+    assert deleted.stdout == f"deleted fine-tune sql ({listed[0]['id']})\n"
+    assert cli("finetune", "list", *store).stdout == "no fine-tunes\n"
+
+
+def test_finetune_create_refuses_a_bad_folder_and_keeps_nothing(tmp_path):
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text('{"peft_type": "LORA", "use_dora": true}')
+    store = ["--data-dir", str(tmp_path / "store")]
+    missing = cli("finetune", "create", "@cf/google/gemma-2b-it-lora", "x", str(folder), *store)
+    assert missing.returncode == 2 and "has no adapter_model.safetensors" in missing.stderr
+    (folder / "adapter_model.safetensors").write_bytes(b"\x00" * 16)
+    refused = cli("finetune", "create", "@cf/google/gemma-2b-it-lora", "x", str(folder), *store)
+    assert refused.returncode == 2 and "DoRA" in refused.stderr
+    assert cli("finetune", "list", *store).stdout == "no fine-tunes\n"
+
+
+def test_serve_refuses_a_malformed_adapter_flag():
+    done = cli("serve", "--model", "x", "--adapter", "no-equals-sign")
+    assert done.returncode == 2 and "write NAME=PATH" in done.stderr

@@ -1,0 +1,1 @@
+"""HTTP server: the Workers AI routes, fine-tunes and OpenAI-compatible routes (Starlette)."""

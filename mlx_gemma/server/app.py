@@ -1,0 +1,100 @@
+"""build_app(runtime, settings) -> the Starlette application of `mlx-gemma serve`.
+
+Contract: mounts the Workers AI routes (workers_ai.py), the OpenAI routes (openai.py) and
+`GET /healthz`. With `settings.api_token`, every route but /healthz needs
+`Authorization: Bearer <token>` (else 401, code 10000). Every ApiError becomes the Workers AI
+error envelope with its status (OpenAI's error object under a /v1/ path); an unexpected
+exception becomes a 500 envelope and is logged, and the server keeps serving.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from ..lora.store import FinetuneStore
+from ..runtime import Runtime
+from . import openai, workers_ai
+from .schema import ApiError, failure, unauthorized
+from .service import Service, Settings
+
+log = logging.getLogger("mlx_gemma.server")
+OPENAI_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+                      409: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error"}
+PUBLIC_PATHS = {"/healthz"}
+
+
+def is_openai_path(path: str) -> bool:
+    return path.startswith("/v1/") or "/ai/v1/" in path
+
+
+def error_response(path: str, status: int, code: int, message: str) -> JSONResponse:
+    if is_openai_path(path):
+        kind = OPENAI_ERROR_TYPES.get(status, "server_error")
+        return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": code}}, status)
+    return JSONResponse(failure(code, message), status)
+
+
+async def api_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ApiError)
+    return error_response(request.url.path, exc.status, exc.code, exc.message)
+
+
+async def http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    code = 7000 if exc.status_code == 404 else 7001  # Cloudflare's "no route" / "method not allowed"
+    message = f"{request.method} {request.url.path}: {exc.detail}"
+    return error_response(request.url.path, exc.status_code, code, message)
+
+
+async def server_error(request: Request, exc: Exception) -> Response:
+    log.exception("unexpected error on %s %s", request.method, request.url.path)
+    return error_response(request.url.path, 500, 3043, f"AiError: Internal server error: {type(exc).__name__}: {exc}")
+
+
+class BearerAuth:
+    """ASGI middleware: every path but PUBLIC_PATHS needs `Authorization: Bearer <token>`."""
+
+    def __init__(self, app: ASGIApp, token: str):
+        self.app = app
+        self.expected = f"Bearer {token}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in PUBLIC_PATHS or self._allowed(scope):
+            await self.app(scope, receive, send)
+            return
+        given = dict(scope["headers"]).get(b"authorization")
+        reason = ("send the header Authorization: Bearer <token>" if given is None
+                  else "the bearer token is not the server's --api-token")
+        error = unauthorized(reason)
+        response = error_response(scope["path"], error.status, error.code, error.message)
+        await response(scope, receive, send)
+
+    def _allowed(self, scope: Scope) -> bool:
+        given = dict(scope["headers"]).get(b"authorization", b"")
+        return hmac.compare_digest(given, self.expected)
+
+
+async def healthz(request: Request) -> Response:
+    service: Service = request.app.state.service
+    engine = service.runtime.engine
+    return JSONResponse({"status": "ok", "model": service.runtime.name, "served": service.served_models(),
+                         "active": engine.active, "waiting": engine.waiting})
+
+
+def build_app(runtime: Runtime, settings: Settings, store: FinetuneStore | None = None) -> Starlette:
+    routes = [Route("/healthz", healthz, methods=["GET"]), *workers_ai.routes(), *openai.routes()]
+    handlers: dict[Any, Any] = {ApiError: api_error, HTTPException: http_error, Exception: server_error}
+    app = Starlette(routes=routes, exception_handlers=handlers)
+    app.state.service = Service(runtime, settings, store)
+    if settings.api_token:
+        app.add_middleware(BearerAuth, token=settings.api_token)
+    return app

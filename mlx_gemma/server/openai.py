@@ -1,0 +1,227 @@
+"""OpenAI-compatible routes: /v1/chat/completions, /v1/completions, /v1/models.
+
+Contract: the shapes of OpenAI's API as the `openai` SDK reads them. `model` names the base
+(any of its served names) or a fine-tune (id or name) or an adapter loaded with `--adapter`;
+it is optional and defaults to the base. Sampling fields: max_tokens (or
+max_completion_tokens), temperature, top_p, seed, frequency_penalty, presence_penalty, and as
+in vLLM top_k and repetition_penalty; values outside the Workers AI schema's limits are
+refused. `/v1/completions` tokenizes the prompt as given (no chat template). `stop` strings
+end the text before the stop string. Streams end with `data: [DONE]`; with
+`stream_options.include_usage` a last chunk carries the usage. The same routes are mounted
+under /client/v4/accounts/{account_id}/ai/v1/. Errors: OpenAI's `{"error": {...}}` (app.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import BaseRoute, Mount, Route
+
+from .schema import ApiError, bad_input
+from .service import AsyncTextStream, Service
+from .workers_ai import PREFIX, SSE_HEADERS, read_json, service_of, sse, started
+
+SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "seed", "frequency_penalty", "presence_penalty",
+                   "repetition_penalty")
+NOT_SUPPORTED = {"tools": "tool calling", "functions": "function calling", "logprobs": "logprobs",
+                 "response_format": "response_format", "logit_bias": "logit_bias"}
+
+
+async def resolve_model(service: Service, model: Any) -> str | None:
+    """The lora key for an OpenAI `model` value: None for the base."""
+    if model is None or model in service.served_models():
+        return None
+    if not isinstance(model, str):
+        raise bad_input(f"model must be a string, got {model!r}")
+    try:
+        return await service.resolve_lora(model)
+    except ApiError as exc:
+        if exc.code != 3037:
+            raise
+        raise ApiError(404, 3037, f"The model {model!r} does not exist: use one of "
+                                  f"{', '.join(service.served_models())} or a fine-tune's name") from None
+
+
+def sampling(body: dict[str, Any]) -> dict[str, Any]:
+    unsupported = [label for key, label in NOT_SUPPORTED.items() if body.get(key)]
+    if unsupported:
+        raise bad_input(f"{', '.join(unsupported)} not supported by this server")
+    if body.get("n", 1) != 1:
+        raise bad_input(f"n={body['n']!r}: only n=1 is supported; send separate requests")
+    args = {key: body[key] for key in SAMPLING_FIELDS if body.get(key) is not None}
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    if max_tokens is not None:
+        args["max_tokens"] = max_tokens
+    if "temperature" not in args:
+        args["temperature"] = 1.0  # OpenAI's default
+    return args
+
+
+def stop_strings(body: dict[str, Any]) -> list[str]:
+    stop = body.get("stop")
+    stops = [stop] if isinstance(stop, str) else stop or []
+    if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops) or len(stops) > 4:
+        raise bad_input(f"stop={stop!r}: give a string or a list of at most 4 non-empty strings")
+    return stops
+
+
+class StopWatcher:
+    """Holds back just enough text to cut it before the first stop string."""
+
+    def __init__(self, stops: list[str]):
+        self.stops = stops
+        self.held = ""
+        self.stopped = False
+
+    def feed(self, piece: str) -> str:
+        self.held += piece
+        cut = min((i for i in (self.held.find(s) for s in self.stops) if i >= 0), default=-1)
+        if cut >= 0:
+            self.stopped = True
+            out, self.held = self.held[:cut], ""
+            return out
+        keep = max((len(s) - 1 for s in self.stops), default=0)
+        out, self.held = self.held[:len(self.held) - keep], self.held[len(self.held) - keep:]
+        return out
+
+    def flush(self) -> str:
+        out, self.held = self.held, ""
+        return out
+
+
+async def stopped_text(stream: AsyncTextStream, pieces: AsyncIterator[str], stops: list[str]) -> AsyncIterator[str]:
+    watcher = StopWatcher(stops)
+    async for piece in pieces:
+        if out := watcher.feed(piece):
+            yield out
+        if watcher.stopped:
+            stream.stop()
+            return
+    if out := watcher.flush():
+        yield out
+
+
+def finish_reason(stream: AsyncTextStream) -> str:
+    return "length" if stream.finish_reason == "length" else "stop"
+
+
+def usage(stream: AsyncTextStream) -> dict[str, int]:
+    return stream.usage.to_dict()
+
+
+async def generate(request: Request, chat: bool) -> Response:
+    service = service_of(request)
+    body = await read_json(request)
+    lora = await resolve_model(service, body.get("model"))
+    model = body.get("model") or service.served_models()[0]
+    text_args = _text_args(body, chat)
+    ids, params = service.prepare(lora, **text_args, **sampling(body))
+    stops = stop_strings(body)
+    stream = service.open_stream(ids, params, lora)
+    pieces = stopped_text(stream, await started(stream), stops)
+    meta = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()), "model": model}
+    if body.get("stream"):
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        events = (chat_events if chat else completion_events)(stream, pieces, meta, include_usage)
+        return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
+    try:
+        text = "".join([piece async for piece in pieces])
+    finally:
+        stream.cancel()
+    return JSONResponse((chat_body if chat else completion_body)(text, stream, meta))
+
+
+def _text_args(body: dict[str, Any], chat: bool) -> dict[str, Any]:
+    if chat:
+        if "messages" not in body:
+            raise bad_input('messages is required: a list of {"role", "content"} objects')
+        return {"messages": [_flatten_content(m) for m in body["messages"]]} if isinstance(
+            body["messages"], list) else {"messages": body["messages"]}
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if not isinstance(prompt, str):
+        raise bad_input(f"prompt must be a string (or a list of one string), got {prompt!r:.80}")
+    return {"prompt": prompt, "raw": True}
+
+
+def _flatten_content(message: Any) -> Any:
+    """OpenAI content parts [{"type": "text", "text": ...}] -> one string; other shapes pass to validation."""
+    if isinstance(message, dict) and isinstance(message.get("content"), list):
+        parts = message["content"]
+        if all(isinstance(p, dict) and p.get("type") == "text" for p in parts):
+            return {**message, "content": "".join(str(p.get("text", "")) for p in parts)}
+    return message
+
+
+def chat_body(text: str, stream: AsyncTextStream, meta: dict[str, Any]) -> dict[str, Any]:
+    choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+              "finish_reason": finish_reason(stream)}
+    return {**meta, "object": "chat.completion", "choices": [choice], "usage": usage(stream)}
+
+
+def completion_body(text: str, stream: AsyncTextStream, meta: dict[str, Any]) -> dict[str, Any]:
+    choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason(stream)}
+    return {**meta, "object": "text_completion", "choices": [choice], "usage": usage(stream)}
+
+
+async def chat_events(stream: AsyncTextStream, pieces: AsyncIterator[str], meta: dict[str, Any],
+                      include_usage: bool) -> AsyncIterator[bytes]:
+    chunk = {**meta, "object": "chat.completion.chunk"}
+    yield sse({**chunk, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]})
+    async for piece in pieces:
+        yield sse({**chunk, "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]})
+    yield sse({**chunk, "choices": [{"index": 0, "delta": {}, "finish_reason": finish_reason(stream)}]})
+    if include_usage:
+        yield sse({**chunk, "choices": [], "usage": usage(stream)})
+    yield sse("[DONE]")
+
+
+async def completion_events(stream: AsyncTextStream, pieces: AsyncIterator[str], meta: dict[str, Any],
+                            include_usage: bool) -> AsyncIterator[bytes]:
+    chunk = {**meta, "object": "text_completion"}
+    async for piece in pieces:
+        yield sse({**chunk, "choices": [{"index": 0, "text": piece, "logprobs": None, "finish_reason": None}]})
+    yield sse({**chunk, "choices": [{"index": 0, "text": "", "logprobs": None, "finish_reason": finish_reason(stream)}]})
+    if include_usage:
+        yield sse({**chunk, "choices": [], "usage": usage(stream)})
+    yield sse("[DONE]")
+
+
+async def chat_completions(request: Request) -> Response:
+    return await generate(request, chat=True)
+
+
+async def completions(request: Request) -> Response:
+    return await generate(request, chat=False)
+
+
+async def models(request: Request) -> Response:
+    service = service_of(request)
+    finetunes = await asyncio.to_thread(service.store.list)
+    rows = [_model_row(name, "mlx-gemma") for name in service.served_models()]
+    rows += [_model_row(name, "mlx-gemma:adapter") for name in sorted(service.static_adapters)]
+    rows += [_model_row(f.name, "mlx-gemma:finetune") for f in finetunes if f.complete]
+    return JSONResponse({"object": "list", "data": rows})
+
+
+def _model_row(name: str, owner: str) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": 0, "owned_by": owner}
+
+
+def v1_routes() -> list[BaseRoute]:
+    return [
+        Route("/chat/completions", chat_completions, methods=["POST"]),
+        Route("/completions", completions, methods=["POST"]),
+        Route("/models", models, methods=["GET"]),
+    ]
+
+
+def routes() -> list[BaseRoute]:
+    return [Mount("/v1", routes=v1_routes()), Mount(f"{PREFIX}/v1", routes=v1_routes())]

@@ -1,0 +1,178 @@
+"""What the routes share: the runtime, the fine-tune store, served model names, `lora`
+resolution, and the async bridge to the runtime's engine thread.
+
+Contract:
+- `Service.served_models()`: the Workers AI names this base answers to, then its own name.
+- `await service.resolve_lora(value)`: None for the base; the name of an adapter loaded with
+  `--adapter`, or of the fused one; else a fine-tune id or name from the store, made resident
+  under a key that changes whenever its files change (so a re-upload is never served stale).
+  Unknown: ApiError 3037; missing files: ApiError 3039.
+- `service.open_stream(ids, params, lora)`: an `AsyncTextStream` fed by the engine thread;
+  a full engine queue raises ApiError 3040 at once. Iterating it never blocks the event loop;
+  `cancel()` (or leaving an `async with`) frees the request's row at the engine's next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from ..engine import QueueFullError, StepOutput
+from ..lora.adapters import check_adapter_files
+from ..lora.store import AdapterBusyError, Finetune, FinetuneNotFound, FinetuneStore
+from ..runtime import Pieces, Runtime, Usage
+from ..sampler import GenerationParams
+from .schema import bad_input, finetune_incomplete, finetune_not_found, out_of_capacity, unknown_model
+
+T = TypeVar("T")
+FINETUNE_KEY = "finetune:"
+
+
+def workers_ai_names(runtime: Runtime) -> list[str]:
+    """`@cf/google/gemma-7b-it-lora` for a multi-head (7B-shaped) Gemma 1, else the 2B route."""
+    args = runtime.model.args
+    is_7b = runtime.loaded.config.get("model_type") == "gemma" and args.num_key_value_heads == args.num_attention_heads
+    return ["@cf/google/gemma-7b-it-lora" if is_7b else "@cf/google/gemma-2b-it-lora"]
+
+
+@dataclass
+class Settings:
+    data_dir: Path
+    api_token: str | None = None
+    max_body_bytes: int = 4 * 1024 * 1024
+    max_upload_bytes: int = 300 * 1024 * 1024
+    served_names: list[str] = field(default_factory=list)
+
+
+class AsyncTextStream:
+    """Text pieces of one request, read on the event loop from the engine thread's steps."""
+
+    def __init__(self, runtime: Runtime, ids: list[int], params: GenerationParams, lora: str | None):
+        loop = asyncio.get_running_loop()
+        self._items: asyncio.Queue[StepOutput | BaseException] = asyncio.Queue()
+        self._pieces = Pieces(runtime.tokenizer.detokenizer(), runtime.tokenizer.stop_ids)
+        self.n_prompt = len(ids)
+        emit = lambda item: loop.call_soon_threadsafe(self._items.put_nowait, item)  # noqa: E731
+        self._request = runtime.submit(ids, params, lora, emit)
+
+    @property
+    def usage(self) -> Usage:
+        return Usage(self.n_prompt, len(self._pieces.token_ids))
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self._pieces.finish_reason
+
+    def __aiter__(self) -> "AsyncTextStream":
+        return self
+
+    async def __anext__(self) -> str:
+        while self._pieces.finish_reason is None:
+            item = await self._items.get()
+            if isinstance(item, BaseException):
+                self._pieces.finish_reason = "error"
+                raise item
+            piece = self._pieces.feed(item)
+            if piece:
+                return piece
+        raise StopAsyncIteration
+
+    async def text(self) -> str:
+        try:
+            return "".join([piece async for piece in self])
+        finally:
+            self.cancel()
+
+    def cancel(self) -> None:
+        self._request.cancel()
+
+    def stop(self) -> None:
+        """End the request here, as a stop token would (a stop string was found in the text)."""
+        self._request.cancel()
+        self._pieces.finish_reason = "stop"
+
+
+class Service:
+    def __init__(self, runtime: Runtime, settings: Settings, store: FinetuneStore | None = None):
+        self.runtime = runtime
+        self.settings = settings
+        self.store = store or FinetuneStore(settings.data_dir, validate=self._validate_files,
+                                            max_file_bytes=settings.max_upload_bytes)
+
+    @property
+    def static_adapters(self) -> set[str]:
+        """Adapters loaded by name (`--adapter NAME=PATH`), as opposed to fine-tunes from the store."""
+        return {name for name in self.runtime.registry.names() if not name.startswith(FINETUNE_KEY)}
+
+    def served_models(self) -> list[str]:
+        names = self.settings.served_names or workers_ai_names(self.runtime)
+        return [*names, self.runtime.name]
+
+    def check_model(self, model: str) -> None:
+        if model not in self.served_models():
+            raise unknown_model(model, self.served_models())
+
+    def _validate_files(self, directory: Path) -> None:
+        base = self.runtime.registry.base_info()
+        self.runtime.engine.run(lambda: check_adapter_files(directory, base))
+
+    async def on_engine(self, fn: Callable[[], T]) -> T:
+        return await asyncio.wrap_future(self.runtime.engine.call(fn))
+
+    def find_finetune(self, value: str) -> Finetune:
+        try:
+            return self.store.get(value)
+        except FinetuneNotFound:
+            raise finetune_not_found(value) from None
+
+    async def resolve_lora(self, value: str | None) -> str | None:
+        fused = self.runtime.fused
+        if value is None or value in self.static_adapters or (fused and value == fused["name"]):
+            return value
+        finetune = await asyncio.to_thread(self.find_finetune, value)
+        if not finetune.complete:
+            raise finetune_incomplete(finetune.name, finetune.missing())
+        key = f"{FINETUNE_KEY}{finetune.id}:{finetune.modified_at}"
+        if key not in self.runtime.registry.names():
+            await self.on_engine(lambda: self._make_resident(key, finetune))
+        return key
+
+    def _make_resident(self, key: str, finetune: Finetune) -> None:
+        """On the engine thread: load the fine-tune's files; forget its older versions."""
+        registry = self.runtime.registry
+        stale = [name for name in registry.names() if name.startswith(f"{FINETUNE_KEY}{finetune.id}:")]
+        for name in stale:
+            try:
+                registry.remove(name)
+            except AdapterBusyError:
+                pass  # a running request still uses the old files; it is pruned next time
+        try:
+            registry.add(key, finetune.path)
+        except AdapterBusyError as exc:
+            raise out_of_capacity(str(exc)) from None
+        except ValueError as exc:
+            raise finetune_incomplete(finetune.name, [f"a valid adapter ({exc})"]) from None
+
+    def forget_finetune(self, finetune_id: str) -> None:
+        """On the engine thread: drop a deleted fine-tune's resident copies that no request uses."""
+        for name in self.runtime.registry.names():
+            if name.startswith(f"{FINETUNE_KEY}{finetune_id}:"):
+                try:
+                    self.runtime.registry.remove(name)
+                except AdapterBusyError:
+                    pass
+
+    def prepare(self, lora: str | None, **request: Any) -> tuple[list[int], GenerationParams]:
+        try:
+            return self.runtime.prepare(lora=lora, **request)
+        except ValueError as exc:
+            raise bad_input(str(exc)) from None
+
+    def open_stream(self, ids: list[int], params: GenerationParams, lora: str | None) -> AsyncTextStream:
+        try:
+            return AsyncTextStream(self.runtime, ids, params, lora)
+        except QueueFullError as exc:
+            raise out_of_capacity(str(exc)) from None

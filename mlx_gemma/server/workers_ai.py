@@ -1,0 +1,185 @@
+"""Cloudflare Workers AI routes, under /client/v4/accounts/{account_id}/ai/.
+
+Contract (DESIGN.md section 6): `POST run/{model}` answers with the success envelope
+`{"result": {"response", "usage"}, ...}` or, with `stream: true`, with server-sent events
+`data: {"response":"..."}` per piece, then `data: {"response":"","usage":{...}}`, then
+`data: [DONE]`. Fine-tunes: `POST finetunes`, `GET finetunes`, `GET finetunes/public`,
+`GET`/`DELETE finetunes/{id or name}`, `POST finetunes/{id or name}/finetune-assets`
+(multipart `file_name` + `file`). Every failure is an ApiError, rendered by app.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+from starlette.datastructures import UploadFile
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import BaseRoute, Route
+
+from ..lora.store import AssetError, AssetTooLarge, FinetuneError, FinetuneExists
+from .schema import ApiError, bad_input, parse_json, success, too_large, validate_run_body
+from .service import AsyncTextStream, Service
+
+PREFIX = "/client/v4/accounts/{account_id}/ai"
+RUN_FIELDS = ("prompt", "messages", "raw", "max_tokens", "temperature", "top_p", "top_k", "seed",
+              "repetition_penalty", "frequency_penalty", "presence_penalty")
+SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+
+
+def service_of(request: Request) -> Service:
+    return request.app.state.service
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 3006 as soon as it passes `limit` bytes."""
+    declared = int(request.headers.get("content-length") or 0)
+    if declared > limit:
+        raise too_large(declared, limit)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large(size, limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def read_json(request: Request) -> dict[str, Any]:
+    return parse_json(await read_body(request, service_of(request).settings.max_body_bytes))
+
+
+def sse(data: dict[str, Any] | str) -> bytes:
+    text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    return f"data: {text}\n\n".encode()
+
+
+async def started(stream: AsyncTextStream) -> AsyncIterator[str]:
+    """Wait for the first piece (prefill and adapter errors still become HTTP errors), then go on."""
+    try:
+        first = await anext(stream, None)
+    except BaseException:
+        stream.cancel()
+        raise
+
+    async def pieces() -> AsyncIterator[str]:
+        try:
+            if first is not None:
+                yield first
+            async for piece in stream:
+                yield piece
+        finally:
+            stream.cancel()  # also runs when the client disconnects and the task is cancelled
+
+    return pieces()
+
+
+async def run(request: Request) -> Response:
+    service = service_of(request)
+    service.check_model(request.path_params["model"])
+    body = validate_run_body(await read_json(request))
+    lora = await service.resolve_lora(body.get("lora"))
+    ids, params = service.prepare(lora, **{k: body[k] for k in RUN_FIELDS if k in body})
+    stream = service.open_stream(ids, params, lora)
+    if body.get("stream"):
+        return StreamingResponse(run_events(stream, await started(stream)), media_type="text/event-stream",
+                                 headers=SSE_HEADERS)
+    text = await stream.text()
+    return JSONResponse(success({"response": text, "usage": stream.usage.to_dict()}))
+
+
+async def run_events(stream: AsyncTextStream, pieces: AsyncIterator[str]) -> AsyncIterator[bytes]:
+    async for piece in pieces:
+        yield sse({"response": piece})
+    yield sse({"response": "", "usage": stream.usage.to_dict()})
+    yield sse("[DONE]")
+
+
+async def create_finetune(request: Request) -> Response:
+    service = service_of(request)
+    body = await read_json(request)
+    model, name = body.get("model"), body.get("name")
+    if not isinstance(model, str) or not isinstance(name, str):
+        raise bad_input('a fine-tune needs "model" and "name" strings, for example '
+                        '{"model": "@cf/google/gemma-2b-it-lora", "name": "my-adapter"}')
+    service.check_model(model)
+    description, public = body.get("description") or "", body.get("public", False)
+    if not isinstance(description, str) or not isinstance(public, bool):
+        raise bad_input('"description" must be a string and "public" a boolean')
+    finetune = await _in_store(service.store.create, model, name, description, public)
+    return JSONResponse(success(finetune.to_dict()))
+
+
+async def _in_store(fn: Any, *args: Any) -> Any:
+    try:
+        return await asyncio.to_thread(fn, *args)
+    except FinetuneExists as exc:
+        raise ApiError(409, 5006, f"AiError: Bad input: {exc}") from None
+    except AssetTooLarge as exc:
+        raise ApiError(413, 3006, f"AiError: Request too large: {exc}") from None
+    except (AssetError, FinetuneError) as exc:
+        raise bad_input(str(exc)) from None
+
+
+async def list_finetunes(request: Request) -> Response:
+    finetunes = await asyncio.to_thread(service_of(request).store.list, False)
+    return JSONResponse(success([f.to_dict() for f in finetunes]))
+
+
+async def list_public_finetunes(request: Request) -> Response:
+    finetunes = await asyncio.to_thread(service_of(request).store.list, True)
+    return JSONResponse(success([f.to_dict() for f in finetunes]))
+
+
+async def get_finetune(request: Request) -> Response:
+    service = service_of(request)
+    finetune = await asyncio.to_thread(service.find_finetune, request.path_params["finetune"])
+    return JSONResponse(success({**finetune.to_dict(), "files": list(finetune.files)}))
+
+
+async def delete_finetune(request: Request) -> Response:
+    service = service_of(request)
+    finetune = await asyncio.to_thread(service.find_finetune, request.path_params["finetune"])
+    await _in_store(service.store.delete, finetune.id)
+    await service.on_engine(lambda: service.forget_finetune(finetune.id))
+    return JSONResponse(success(finetune.to_dict()))
+
+
+async def upload_asset(request: Request) -> Response:
+    service = service_of(request)
+    finetune = await asyncio.to_thread(service.find_finetune, request.path_params["finetune"])
+    file_name, upload = await _read_asset_form(request, service.settings.max_upload_bytes)
+    try:
+        finetune = await _in_store(service.store.add_asset, finetune.id, file_name, upload.file)
+    finally:
+        await upload.close()
+    return JSONResponse(success({**finetune.to_dict(), "files": list(finetune.files)}))
+
+
+async def _read_asset_form(request: Request, limit: int) -> tuple[str, UploadFile]:
+    declared = int(request.headers.get("content-length") or 0)
+    if declared > limit + 64 * 1024:
+        raise too_large(declared, limit)
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        raise bad_input("upload the asset as multipart/form-data with fields file_name and file")
+    form = await request.form(max_files=1, max_fields=4)
+    file_name, upload = form.get("file_name"), form.get("file")
+    if not isinstance(file_name, str) or not isinstance(upload, UploadFile):
+        raise bad_input("the form needs a file_name field (adapter_config.json or adapter_model.safetensors) "
+                        "and a file field holding the file")
+    return file_name, upload
+
+
+def routes() -> list[BaseRoute]:
+    return [
+        Route(f"{PREFIX}/run/{{model:path}}", run, methods=["POST"]),
+        Route(f"{PREFIX}/finetunes", create_finetune, methods=["POST"]),
+        Route(f"{PREFIX}/finetunes", list_finetunes, methods=["GET"]),
+        Route(f"{PREFIX}/finetunes/public", list_public_finetunes, methods=["GET"]),
+        Route(f"{PREFIX}/finetunes/{{finetune}}", get_finetune, methods=["GET"]),
+        Route(f"{PREFIX}/finetunes/{{finetune}}", delete_finetune, methods=["DELETE"]),
+        Route(f"{PREFIX}/finetunes/{{finetune}}/finetune-assets", upload_asset, methods=["POST"]),
+    ]

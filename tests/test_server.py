@@ -1,0 +1,328 @@
+"""The HTTP server through Starlette's TestClient: exact bodies, events and error envelopes.
+
+A server runtime of its own (the tiny checkpoint) keeps fine-tune adapters out of the
+session runtime; `reference` is a second runtime that loads the same adapter directly, to
+show the server serves exactly what the Python API gives.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import pytest
+from starlette.testclient import TestClient
+
+import mlx_gemma
+from mlx_gemma.engine import Request
+from mlx_gemma.sampler import GenerationParams
+from mlx_gemma.server.app import build_app
+from mlx_gemma.server.service import Settings
+
+from conftest import FIXTURES
+
+ADAPTER = FIXTURES / "adapters" / "all7_r8"
+ACCOUNT = "/client/v4/accounts/0123abcd/ai"
+RUN = f"{ACCOUNT}/run/@cf/google/gemma-2b-it-lora"
+GREEDY = {"temperature": 0, "max_tokens": 12}
+
+
+@pytest.fixture(scope="module")
+def server_runtime(tiny_dir: Path) -> mlx_gemma.Runtime:
+    return mlx_gemma.load(tiny_dir, max_queue=2)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_dir: Path) -> mlx_gemma.Runtime:
+    return mlx_gemma.load(tiny_dir, adapters={"all7": str(ADAPTER)})
+
+
+@pytest.fixture()
+def client(server_runtime: mlx_gemma.Runtime, tmp_path: Path) -> TestClient:
+    app = build_app(server_runtime, Settings(data_dir=tmp_path / "data"))
+    with TestClient(app, raise_server_exceptions=False) as test_client:
+        yield test_client
+
+
+def envelope(result: object) -> dict:
+    return {"result": result, "success": True, "errors": [], "messages": []}
+
+
+def error(code: int, message: str) -> dict:
+    return {"result": {}, "success": False, "errors": [{"code": code, "message": message}], "messages": []}
+
+
+def expected_run(rt: mlx_gemma.Runtime, **request: object) -> dict:
+    result = rt.generate(**request)
+    return envelope({"response": result.text, "usage": result.usage.to_dict()})
+
+
+def events(response) -> list[str]:
+    return [block.removeprefix("data: ") for block in response.text.split("\n\n") if block]
+
+
+def upload(client: TestClient, finetune: str, file_name: str, content: bytes):
+    return client.post(f"{ACCOUNT}/finetunes/{finetune}/finetune-assets",
+                       data={"file_name": file_name}, files={"file": (file_name, content)})
+
+
+def create_finetune(client: TestClient, name: str, files: dict[str, bytes] | None = None) -> dict:
+    created = client.post(f"{ACCOUNT}/finetunes", json={"model": "@cf/google/gemma-2b-it-lora", "name": name,
+                                                          "description": "test", "public": name.startswith("pub")})
+    assert created.status_code == 200, created.text
+    files = {f: (ADAPTER / f).read_bytes() for f in ("adapter_config.json", "adapter_model.safetensors")} \
+        if files is None else files
+    for file_name, content in files.items():
+        assert upload(client, name, file_name, content).json()["success"] is True
+    return created.json()["result"]
+
+
+def test_run_prompt_matches_the_python_api(client: TestClient, server_runtime: mlx_gemma.Runtime) -> None:
+    response = client.post(RUN, json={"prompt": "Hello there", **GREEDY})
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "application/json"
+    assert response.json() == expected_run(server_runtime, prompt="Hello there", **GREEDY)
+
+
+def test_run_routes_the_percent_encoded_model_name(client: TestClient, server_runtime: mlx_gemma.Runtime) -> None:
+    response = client.post(f"{ACCOUNT}/run/@cf%2Fgoogle%2Fgemma-2b-it-lora", json={"prompt": "Hi", **GREEDY})
+    assert response.json() == expected_run(server_runtime, prompt="Hi", **GREEDY)
+
+
+def test_run_messages_and_boolean_strings(client: TestClient, server_runtime: mlx_gemma.Runtime) -> None:
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Why?"}]
+    response = client.post(RUN, json={"messages": messages, "stream": "false", **GREEDY})
+    assert response.json() == expected_run(server_runtime, messages=messages, **GREEDY)
+    raw = client.post(RUN, json={"prompt": "Once upon", "raw": "true", **GREEDY})
+    assert raw.json() == expected_run(server_runtime, prompt="Once upon", raw=True, **GREEDY)
+
+
+def test_stream_events_join_to_the_text_then_usage_then_done(client: TestClient,
+                                                             server_runtime: mlx_gemma.Runtime) -> None:
+    response = client.post(RUN, json={"prompt": "Tell me", "stream": True, **GREEDY})
+    assert response.headers["content-type"].startswith("text/event-stream")
+    data = events(response)
+    expected = server_runtime.generate(prompt="Tell me", **GREEDY)
+    pieces = [json.loads(event) for event in data[:-2]]
+    assert "".join(piece["response"] for piece in pieces) == expected.text
+    assert all(set(piece) == {"response"} for piece in pieces) and len(pieces) > 1
+    assert json.loads(data[-2]) == {"response": "", "usage": expected.usage.to_dict()}
+    assert data[-1] == "[DONE]"
+    assert response.text.startswith('data: {"response":')
+
+
+BAD_BODIES = [
+    ({}, 'the body needs prompt (a string) or messages (a list of {"role", "content"}), for example {"prompt": "Hello"}'),
+    ({"prompt": "a", "messages": [{"role": "user", "content": "b"}]}, "send either prompt or messages, not both"),
+    ({"prompt": "a", "temperature": 9}, "temperature: 9 is greater than the maximum of 5"),
+    ({"prompt": "a", "top_k": 0}, "top_k: 0 is less than the minimum of 1"),
+    ({"prompt": ""}, "prompt: '' should be non-empty"),
+    ({"messages": [{"role": "user"}]}, "messages[0]: 'content' is a required property"),
+    ({"prompt": "a", "repetition_penalty": 0}, "repetition_penalty=0 is out of range: use a number greater than 0 and at most 2 (1 means off)"),
+]
+
+
+@pytest.mark.parametrize("body,message", BAD_BODIES)
+def test_bad_bodies_get_the_error_envelope(client: TestClient, body: dict, message: str) -> None:
+    before = client.get(f"{ACCOUNT}/finetunes").json()
+    response = client.post(RUN, json=body)
+    assert response.status_code == 400
+    assert response.json() == error(5006, f"AiError: Bad input: {message}")
+    assert client.post(RUN, json={"prompt": "still there?", **GREEDY}).status_code == 200
+    assert client.get(f"{ACCOUNT}/finetunes").json() == before
+
+
+def test_non_json_body(client: TestClient) -> None:
+    response = client.post(RUN, content=b"prompt=hello", headers={"content-type": "application/json"})
+    assert response.status_code == 400
+    assert response.json() == error(5006, "AiError: Bad input: the body is not valid JSON (Expecting value: line 1 "
+                                          'column 1 (char 0)): send a JSON object such as {"prompt": "Hello"}')
+
+
+def test_unknown_model_and_unknown_lora(client: TestClient, server_runtime: mlx_gemma.Runtime) -> None:
+    response = client.post(f"{ACCOUNT}/run/@cf/meta/llama-3-8b-instruct", json={"prompt": "a"})
+    assert response.status_code == 400
+    served = f"@cf/google/gemma-2b-it-lora, {server_runtime.name}"
+    assert response.json() == error(5007, f"AiError: No such model '@cf/meta/llama-3-8b-instruct': this server serves {served}")
+    response = client.post(RUN, json={"prompt": "a", "lora": "nobody"})
+    assert response.status_code == 404
+    assert response.json() == error(3037, "AiError: Finetune not found: no fine-tune has the id or name 'nobody' "
+                                          "(list them with GET /client/v4/accounts/{account_id}/ai/finetunes)")
+
+
+def test_body_over_the_limit_is_413(server_runtime: mlx_gemma.Runtime, tmp_path: Path) -> None:
+    app = build_app(server_runtime, Settings(data_dir=tmp_path, max_body_bytes=1000))
+    with TestClient(app) as small:
+        response = small.post(RUN, json={"prompt": "x" * 2000})
+    assert response.status_code == 413
+    assert response.json()["errors"][0]["code"] == 3006
+
+
+def test_finetune_lifecycle_and_lora_by_name_and_id(client: TestClient, reference: mlx_gemma.Runtime) -> None:
+    created = create_finetune(client, "sql-helper")
+    assert set(created) == {"id", "name", "model", "description", "public", "created_at", "modified_at"}
+    assert (created["name"], created["model"], created["public"]) == ("sql-helper", "@cf/google/gemma-2b-it-lora", False)
+    expected = expected_run(reference, prompt="Hello there", lora="all7", **GREEDY)
+    base = client.post(RUN, json={"prompt": "Hello there", **GREEDY}).json()
+    for lora in ("sql-helper", created["id"]):
+        assert client.post(RUN, json={"prompt": "Hello there", "lora": lora, **GREEDY}).json() == expected
+    assert expected != base
+    listed = client.get(f"{ACCOUNT}/finetunes").json()["result"]
+    assert [f["id"] for f in listed] == [created["id"]]
+    assert client.get(f"{ACCOUNT}/finetunes/public").json() == envelope([])
+    got = client.get(f"{ACCOUNT}/finetunes/sql-helper").json()["result"]
+    assert got["files"] == ["adapter_config.json", "adapter_model.safetensors"]
+    assert client.delete(f"{ACCOUNT}/finetunes/sql-helper").json()["result"]["id"] == created["id"]
+    assert client.get(f"{ACCOUNT}/finetunes").json() == envelope([])
+    assert client.post(RUN, json={"prompt": "a", "lora": "sql-helper"}).status_code == 404
+
+
+def test_lora_with_messages_and_public_listing(client: TestClient, reference: mlx_gemma.Runtime) -> None:
+    created = create_finetune(client, "pub-chat")
+    messages = [{"role": "user", "content": "Hi"}]
+    response = client.post(RUN, json={"messages": messages, "lora": "pub-chat", **GREEDY})
+    assert response.json() == expected_run(reference, messages=messages, lora="all7", **GREEDY)
+    assert [f["id"] for f in client.get(f"{ACCOUNT}/finetunes/public").json()["result"]] == [created["id"]]
+
+
+def test_finetune_missing_files_is_3039(client: TestClient) -> None:
+    create_finetune(client, "half", files={"adapter_config.json": (ADAPTER / "adapter_config.json").read_bytes()})
+    response = client.post(RUN, json={"prompt": "a", "lora": "half"})
+    assert response.status_code == 400
+    assert response.json() == error(3039, "AiError: Finetune 'half' is missing adapter_model.safetensors: upload "
+                                          "it with POST .../ai/finetunes/{id}/finetune-assets")
+
+
+def test_reupload_serves_the_new_weights(client: TestClient, reference: mlx_gemma.Runtime) -> None:
+    create_finetune(client, "swap")
+    first = client.post(RUN, json={"prompt": "Hello there", "lora": "swap", **GREEDY}).json()
+    second_dir = FIXTURES / "adapters" / "second_all7_r8"
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        assert upload(client, "swap", name, (second_dir / name).read_bytes()).status_code == 200
+    reference.add_adapter("second", str(second_dir))
+    after = client.post(RUN, json={"prompt": "Hello there", "lora": "swap", **GREEDY}).json()
+    assert after == expected_run(reference, prompt="Hello there", lora="second", **GREEDY)
+    assert after != first
+
+
+def store_state(client: TestClient) -> tuple:
+    service = client.app.state.service
+    return [f.to_dict() | {"files": f.files} for f in service.store.list()], service.store.check()
+
+
+@pytest.mark.parametrize("file_name,content,fragment", [
+    ("weights.bin", b"x", "file_name 'weights.bin'"),
+    ("adapter_model.safetensors", b"\x08\x00\x00\x00\x00\x00\x00\x00{garbage", "adapter_model.safetensors"),
+    ("adapter_config.json", json.dumps({"peft_type": "LORA", "use_dora": True, "r": 8}).encode(), "DoRA"),
+])
+def test_bad_assets_are_refused_and_the_store_is_unchanged(client: TestClient, file_name: str, content: bytes,
+                                                           fragment: str) -> None:
+    create_finetune(client, "target", files={})
+    before = store_state(client)
+    response = upload(client, "target", file_name, content)
+    assert response.status_code == 400
+    body = response.json()
+    assert body["success"] is False and body["errors"][0]["code"] == 5006
+    assert fragment in body["errors"][0]["message"]
+    assert store_state(client) == before and before[1] == []
+
+
+def test_duplicate_finetune_name_is_refused(client: TestClient) -> None:
+    create_finetune(client, "twice", files={})
+    response = client.post(f"{ACCOUNT}/finetunes", json={"model": "@cf/google/gemma-2b-it-lora", "name": "twice"})
+    assert response.status_code == 409
+    assert "twice" in response.json()["errors"][0]["message"]
+    response = client.post(f"{ACCOUNT}/finetunes", json={"model": "@cf/meta/llama", "name": "other"})
+    assert response.json()["errors"][0]["code"] == 5007
+
+
+def test_full_queue_answers_429_at_once(client: TestClient, server_runtime: mlx_gemma.Runtime) -> None:
+    gate = threading.Event()
+    blocker = server_runtime.engine.call(gate.wait)  # the engine is busy until the gate opens
+    waiting = [Request([2, 10], GenerationParams(max_tokens=1, temperature=0), lambda item: None) for _ in range(2)]
+    try:
+        for request in waiting:
+            server_runtime.engine.submit(request)  # max_queue=2: now full
+        response = client.post(RUN, json={"prompt": "a"})
+        assert response.status_code == 429
+        assert response.json() == error(3040, "AiError: Out of capacity: 2 requests are already waiting (max_queue=2): "
+                                              "retry shortly, or start the server with a larger --max-queue")
+    finally:
+        gate.set()
+        blocker.result(timeout=10)
+    assert client.post(RUN, json={"prompt": "a", **GREEDY}).status_code == 200
+
+
+def test_auth_token(server_runtime: mlx_gemma.Runtime, tmp_path: Path) -> None:
+    app = build_app(server_runtime, Settings(data_dir=tmp_path, api_token="s3cret"))
+    with TestClient(app) as authed:
+        assert authed.get("/healthz").status_code == 200
+        missing = authed.post(RUN, json={"prompt": "a"})
+        assert missing.status_code == 401
+        assert missing.json() == error(10000, "Authentication error: send the header Authorization: Bearer <token>")
+        wrong = authed.get(f"{ACCOUNT}/finetunes", headers={"Authorization": "Bearer nope"})
+        assert wrong.json() == error(10000, "Authentication error: the bearer token is not the server's --api-token")
+        elsewhere = authed.get(f"{ACCOUNT}/finetunes", headers={"X-Auth-Key": "s3cret"})
+        assert elsewhere.status_code == 401
+        openai_style = authed.get("/v1/models")
+        assert openai_style.status_code == 401 and openai_style.json()["error"]["code"] == 10000
+        ok = authed.post(RUN, json={"prompt": "a", **GREEDY}, headers={"Authorization": "Bearer s3cret"})
+        assert ok.status_code == 200
+
+
+def test_unknown_route_is_an_envelope(client: TestClient) -> None:
+    response = client.get(f"{ACCOUNT}/nothing")
+    assert response.status_code == 404
+    assert response.json() == error(7000, f"GET {ACCOUNT}/nothing: Not Found")
+
+
+# --- OpenAI routes ---------------------------------------------------------------------------
+
+def test_openai_chat_completion(client: TestClient, server_runtime: mlx_gemma.Runtime) -> None:
+    messages = [{"role": "user", "content": "Hello"}]
+    body = client.post("/v1/chat/completions", json={"model": "@cf/google/gemma-2b-it-lora",
+                                                      "messages": messages, **GREEDY}).json()
+    expected = server_runtime.generate(messages=messages, **GREEDY)
+    assert body["object"] == "chat.completion" and body["id"].startswith("chatcmpl-")
+    assert body["choices"] == [{"index": 0, "message": {"role": "assistant", "content": expected.text},
+                                "logprobs": None, "finish_reason": "length"}]
+    assert body["usage"] == expected.usage.to_dict()
+
+
+def test_openai_stream_and_mount_under_account(client: TestClient, server_runtime: mlx_gemma.Runtime) -> None:
+    messages = [{"role": "user", "content": [{"type": "text", "text": "Hello"}]}]
+    response = client.post(f"{ACCOUNT}/v1/chat/completions", json={
+        "messages": messages, "stream": True, "stream_options": {"include_usage": True}, **GREEDY})
+    data = events(response)
+    chunks = [json.loads(event) for event in data[:-1]]
+    expected = server_runtime.generate(messages=[{"role": "user", "content": "Hello"}], **GREEDY)
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks[:-1]) == expected.text
+    assert chunks[-2]["choices"][0]["finish_reason"] == "length"
+    assert chunks[-1]["usage"] == expected.usage.to_dict() and chunks[-1]["choices"] == []
+    assert data[-1] == "[DONE]"
+
+
+def test_openai_completion_is_raw_and_stop_strings_cut(client: TestClient, server_runtime: mlx_gemma.Runtime) -> None:
+    full = server_runtime.generate(prompt="Once upon a time", raw=True, **GREEDY).text
+    body = client.post("/v1/completions", json={"prompt": "Once upon a time", **GREEDY}).json()
+    assert body["choices"][0]["text"] == full and body["object"] == "text_completion"
+    stop = full[3:5]
+    cut = client.post("/v1/completions", json={"prompt": "Once upon a time", "stop": [stop], **GREEDY}).json()
+    assert cut["choices"][0]["text"] == full[:full.index(stop)]
+    assert cut["choices"][0]["finish_reason"] == "stop"
+
+
+def test_openai_models_and_finetune_by_model(client: TestClient, reference: mlx_gemma.Runtime) -> None:
+    create_finetune(client, "oa-tune")
+    ids = [row["id"] for row in client.get("/v1/models").json()["data"]]
+    assert ids == ["@cf/google/gemma-2b-it-lora", client.app.state.service.runtime.name, "oa-tune"]
+    messages = [{"role": "user", "content": "Hello"}]
+    body = client.post("/v1/chat/completions", json={"model": "oa-tune", "messages": messages, **GREEDY}).json()
+    assert body["choices"][0]["message"]["content"] == reference.generate(messages=messages, lora="all7", **GREEDY).text
+    missing = client.post("/v1/chat/completions", json={"model": "gpt-4o", "messages": messages})
+    assert missing.status_code == 404
+    assert missing.json()["error"]["type"] == "not_found_error"
+    bad = client.post("/v1/chat/completions", json={"messages": messages, "temperature": 9})
+    assert bad.status_code == 400 and "temperature" in bad.json()["error"]["message"]
