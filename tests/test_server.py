@@ -123,28 +123,39 @@ BAD_BODIES = [
 ]
 
 
+@pytest.fixture()
+def still_serving(client: TestClient, server_runtime: mlx_gemma.Runtime):
+    """After the test's bad request: the server still answers and the fine-tune store is unchanged."""
+    create_finetune(client, "bystander")
+    before = store_state(client)
+    yield
+    assert client.post(RUN, json={"prompt": "still there?", **GREEDY}).json() == \
+        expected_run(server_runtime, prompt="still there?", **GREEDY)
+    assert store_state(client) == before and before[1] == []
+
+
 @pytest.mark.parametrize("body,message", BAD_BODIES)
-def test_bad_bodies_get_the_error_envelope(client: TestClient, body: dict, message: str) -> None:
-    before = client.get(f"{ACCOUNT}/finetunes").json()
+def test_bad_bodies_get_the_error_envelope(client: TestClient, still_serving: None, body: dict, message: str) -> None:
     response = client.post(RUN, json=body)
     assert response.status_code == 400
     assert response.json() == error(5006, f"AiError: Bad input: {message}")
-    assert client.post(RUN, json={"prompt": "still there?", **GREEDY}).status_code == 200
-    assert client.get(f"{ACCOUNT}/finetunes").json() == before
 
 
-def test_non_json_body(client: TestClient) -> None:
+def test_non_json_body(client: TestClient, still_serving: None) -> None:
     response = client.post(RUN, content=b"prompt=hello", headers={"content-type": "application/json"})
     assert response.status_code == 400
     assert response.json() == error(5006, "AiError: Bad input: the body is not valid JSON (Expecting value: line 1 "
                                           'column 1 (char 0)): send a JSON object such as {"prompt": "Hello"}')
 
 
-def test_unknown_model_and_unknown_lora(client: TestClient, server_runtime: mlx_gemma.Runtime) -> None:
+def test_unknown_model(client: TestClient, still_serving: None, server_runtime: mlx_gemma.Runtime) -> None:
     response = client.post(f"{ACCOUNT}/run/@cf/meta/llama-3-8b-instruct", json={"prompt": "a"})
     assert response.status_code == 400
     served = f"@cf/google/gemma-2b-it-lora, {server_runtime.name}"
     assert response.json() == error(5007, f"AiError: No such model '@cf/meta/llama-3-8b-instruct': this server serves {served}")
+
+
+def test_unknown_lora(client: TestClient, still_serving: None) -> None:
     response = client.post(RUN, json={"prompt": "a", "lora": "nobody"})
     assert response.status_code == 404
     assert response.json() == error(3037, "AiError: Finetune not found: no fine-tune has the id or name 'nobody' "
@@ -216,16 +227,13 @@ def store_state(client: TestClient) -> tuple:
     ("adapter_model.safetensors", b"\x08\x00\x00\x00\x00\x00\x00\x00{garbage", "adapter_model.safetensors"),
     ("adapter_config.json", json.dumps({"peft_type": "LORA", "use_dora": True, "r": 8}).encode(), "DoRA"),
 ])
-def test_bad_assets_are_refused_and_the_store_is_unchanged(client: TestClient, file_name: str, content: bytes,
-                                                           fragment: str) -> None:
-    create_finetune(client, "target", files={})
-    before = store_state(client)
-    response = upload(client, "target", file_name, content)
+def test_bad_assets_are_refused_and_the_store_is_unchanged(client: TestClient, still_serving: None, file_name: str,
+                                                           content: bytes, fragment: str) -> None:
+    response = upload(client, "bystander", file_name, content)
     assert response.status_code == 400
     body = response.json()
     assert body["success"] is False and body["errors"][0]["code"] == 5006
     assert fragment in body["errors"][0]["message"]
-    assert store_state(client) == before and before[1] == []
 
 
 def test_duplicate_finetune_name_is_refused(client: TestClient) -> None:
@@ -256,7 +264,10 @@ def test_full_queue_answers_429_at_once(client: TestClient, server_runtime: mlx_
 
 def test_auth_token(server_runtime: mlx_gemma.Runtime, tmp_path: Path) -> None:
     app = build_app(server_runtime, Settings(data_dir=tmp_path, api_token="s3cret"))
+    app.state.service.store.create("@cf/google/gemma-2b-it-lora", "guarded")
+    before = [f.to_dict() for f in app.state.service.store.list()]
     with TestClient(app) as authed:
+        assert authed.delete(f"{ACCOUNT}/finetunes/guarded").status_code == 401
         assert authed.get("/healthz").status_code == 200
         missing = authed.post(RUN, json={"prompt": "a"})
         assert missing.status_code == 401
@@ -268,7 +279,8 @@ def test_auth_token(server_runtime: mlx_gemma.Runtime, tmp_path: Path) -> None:
         openai_style = authed.get("/v1/models")
         assert openai_style.status_code == 401 and openai_style.json()["error"]["code"] == 10000
         ok = authed.post(RUN, json={"prompt": "a", **GREEDY}, headers={"Authorization": "Bearer s3cret"})
-        assert ok.status_code == 200
+        assert ok.json() == expected_run(server_runtime, prompt="a", **GREEDY)
+    assert [f.to_dict() for f in app.state.service.store.list()] == before
 
 
 def test_unknown_route_is_an_envelope(client: TestClient) -> None:
