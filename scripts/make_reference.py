@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Write reference logits from Hugging Face transformers for the tiny Gemma test checkpoints.
 
-    python scripts/make_reference.py [--out tests/fixtures]
+    python scripts/make_reference.py [--out tests/fixtures] [--only gemma|adapters|gemma3 ...]
 
 For each shape ("2b": multi-query, "7b": multi-head) this writes the tiny random checkpoint of
 scripts/make_tiny_model.py (seed 0) into a temporary directory, loads it with
@@ -10,6 +10,13 @@ every position of four fixed token-id sequences with a plain forward pass (no ca
 self-check it decodes 8 tokens greedily from [<bos>] with the KV cache, and runs the longest
 sequence as a cached prefill of its first half plus one-token steps, and asserts both sets of
 cached logits match an uncached forward within 1e-5.
+
+The Gemma 3 part does the same for the tiny `gemma3` checkpoint with Gemma3ForCausalLM (sliding
+window 4, so the longer sequences exercise the window), on the same four sequences, and decodes
+8 tokens greedily from GEMMA3_GREEDY_TEXT (tokenized with the checkpoint's tokenizer, <bos>
+first, as the runtime's raw mode does); it asserts no greedy token is a stop id and runs the
+same cache checks. --only picks parts (repeatable; default all), so the Gemma 3 golden can be
+written without rewriting the others (np.savez stamps the time into its zip entries).
 
 Outputs, under --out:
   gemma_tiny_{shape}_logits.npz   ids_0..ids_3 (int32), logits_0..logits_3 (float32, (len, vocab)),
@@ -22,6 +29,11 @@ Outputs, under --out:
                                   PeftModel.save_pretrained, plus reference_logits.npz with
                                   ids_0..ids_2 (int32) and logits_0..logits_2 (float32, (len, vocab))
                                   of the PeftModel (eval, float32, eager, plain forward, no cache)
+  gemma_tiny_gemma3_logits.npz    ids_0..ids_3, logits_0..logits_3 as above; greedy_text (str),
+                                  greedy_prompt (int32, its ids), greedy_0 (int32, the 8 greedy ids)
+  gemma_tiny_gemma3_reference.json  versions, date, the config as transformers resolved it (layer
+                                  types, RoPE parameters per layer type, window, query scalar),
+                                  the greedy ids, their smallest top-2 margin and the cache checks
 
 Each adapter is built with a fixed torch seed on the seed-0 tiny checkpoint, saved, reloaded with
 PeftModel.from_pretrained on a fresh base and checked to reproduce its logits within 1e-6; the
@@ -60,7 +72,9 @@ GREEDY_STEPS = 8
 CACHE_TOL = 1e-5
 BOS = 2
 
-Model = transformers.GemmaForCausalLM
+Model = transformers.PreTrainedModel
+STOP_IDS = (1, 6)  # <eos>, <end_of_turn>: the runtime stops on these
+GEMMA3_GREEDY_TEXT = "Tell me a story about a cat who"
 
 # Fixed inputs (vocab size of the tiny tokenizer is 538). ids_0: "<bos>The capital of France is..",
 # ids_1: just <bos> (length 1), ids_2: a chat prompt plus text (length 24), ids_3: no <bos>,
@@ -74,9 +88,9 @@ SEQUENCES: list[list[int]] = [
 ]
 
 
-def load_model(model_dir: Path) -> Model:
+def load_model(model_dir: Path, cls: type[Model] = transformers.GemmaForCausalLM) -> Model:
     """Load the checkpoint in float32 with eager attention; fail on missing or unexpected weights."""
-    model, info = transformers.GemmaForCausalLM.from_pretrained(
+    model, info = cls.from_pretrained(
         model_dir, dtype=torch.float32, attn_implementation="eager", output_loading_info=True
     )
     problems = {k: v for k, v in info.items() if v}
@@ -125,11 +139,12 @@ def forced_cached(model: Model, ids: list[int], prefill: int) -> np.ndarray:
     return torch.cat(rows).numpy()
 
 
-def check_cache(model: Model) -> tuple[list[int], float]:
-    """Greedy 8 tokens from [<bos>] with the cache, and a cached teacher-forced pass over the
+def check_cache(model: Model, prompt_ids: tuple[int, ...] = (BOS,)) -> tuple[list[int], float]:
+    """Greedy 8 tokens from prompt_ids with the cache, and a cached teacher-forced pass over the
     longest sequence; assert both match uncached forwards within CACHE_TOL."""
-    greedy, cached = greedy_cached(model, [BOS], GREEDY_STEPS)
-    uncached = full_logits(model, [BOS] + greedy[:-1])[-GREEDY_STEPS:]
+    prompt = list(prompt_ids)
+    greedy, cached = greedy_cached(model, prompt, GREEDY_STEPS)
+    uncached = full_logits(model, prompt + greedy[:-1])[-GREEDY_STEPS:]
     if greedy != [int(i) for i in uncached.argmax(-1)]:
         raise AssertionError("greedy ids from the cached and uncached logits differ")
     longest = max(SEQUENCES, key=len)
@@ -152,7 +167,7 @@ def activation_info(model: Model, model_dir: Path) -> dict:
     return {
         "config_json_hidden_act": raw.get("hidden_act"),
         "config_json_hidden_activation": raw.get("hidden_activation"),
-        "resolved_config_hidden_act": model.config.hidden_act,
+        "resolved_config_hidden_act": getattr(model.config, "hidden_act", None),
         "resolved_config_hidden_activation": getattr(model.config, "hidden_activation", None),
         "act_fn_class": f"{type(act).__module__}.{type(act).__qualname__}",
         "max_abs_diff_vs_gelu_tanh": tanh_err,
@@ -193,6 +208,84 @@ def reference_for_shape(shape: str, out_dir: Path) -> dict:
             [l.argmax(-1) == arrays[f"ids_{i}"] for i, l in enumerate(all_logits)]))),
         "activation": activation,
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# Gemma 3
+
+
+def top2_margin(logits: np.ndarray) -> float:
+    """Smallest gap between the best and second-best logit over the rows."""
+    top = np.sort(logits, -1)
+    return float((top[..., -1] - top[..., -2]).min())
+
+
+def gemma3_resolved_config(model: Model) -> dict:
+    """The attention and RoPE settings as transformers read them from config.json."""
+    config = model.config
+    return {
+        "layer_types": list(config.layer_types),
+        "rope_parameters": config.rope_parameters,
+        "sliding_window": config.sliding_window,
+        "query_pre_attn_scalar": config.query_pre_attn_scalar,
+        "final_logit_softcapping": config.final_logit_softcapping,
+        "attn_logit_softcapping": config.attn_logit_softcapping,
+        "head_dim": config.head_dim,
+    }
+
+
+def reference_gemma3(out_dir: Path) -> dict:
+    """Write gemma_tiny_gemma3_logits.npz and gemma_tiny_gemma3_reference.json; return the summary."""
+    from tokenizers import Tokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = write_tiny_model(Path(tmp) / "tiny-gemma3", shape="gemma3", seed=SEED)
+        model = load_model(model_dir, transformers.Gemma3ForCausalLM)
+        activation = activation_info(model, model_dir)
+        prompt = Tokenizer.from_file(str(model_dir / "tokenizer.json")).encode(GEMMA3_GREEDY_TEXT).ids
+    assert prompt[0] == BOS and len(prompt) > model.config.sliding_window
+    vocab = model.config.vocab_size
+    arrays: dict[str, np.ndarray] = {}
+    for i, ids in enumerate(SEQUENCES):
+        arrays[f"ids_{i}"] = np.asarray(ids, dtype=np.int32)
+        arrays[f"logits_{i}"] = full_logits(model, ids).astype(np.float32)
+        assert arrays[f"logits_{i}"].shape == (len(ids), vocab)
+    greedy, cache_diff = check_cache(model, tuple(prompt))
+    if set(greedy) & set(STOP_IDS):
+        raise AssertionError(f"greedy ids {greedy} hit a stop id: pick another GEMMA3_GREEDY_TEXT")
+    greedy_logits = full_logits(model, prompt + greedy[:-1])[-GREEDY_STEPS:]
+    arrays["greedy_text"] = np.asarray(GEMMA3_GREEDY_TEXT)
+    arrays["greedy_prompt"] = np.asarray(prompt, dtype=np.int32)
+    arrays["greedy_0"] = np.asarray(greedy, dtype=np.int32)
+    path = out_dir / "gemma_tiny_gemma3_logits.npz"
+    np.savez(path, **arrays)
+    all_logits = [arrays[f"logits_{i}"] for i in range(len(SEQUENCES))]
+    summary = {
+        "file": path.name,
+        "transformers_version": transformers.__version__,
+        "torch_version": torch.__version__,
+        "numpy_version": np.__version__,
+        "date": datetime.date.today().isoformat(),
+        "seed": SEED,
+        "dtype": "float32",
+        "attn_implementation": "eager",
+        "model_class": type(model).__name__,
+        "resolved_config": gemma3_resolved_config(model),
+        "sequence_lengths": [len(s) for s in SEQUENCES],
+        "greedy_text": GEMMA3_GREEDY_TEXT,
+        "greedy_prompt": prompt,
+        "greedy_0": greedy,
+        "greedy_min_top2_margin": top2_margin(greedy_logits),
+        "cache_check_tolerance": CACHE_TOL,
+        "cache_check_max_abs_diff": cache_diff,
+        "max_abs_logit": float(max(np.abs(l).max() for l in all_logits)),
+        "min_top2_margin": float(min(top2_margin(l) for l in all_logits)),
+        "argmax_equals_input_fraction": float(np.mean(np.concatenate(
+            [l.argmax(-1) == arrays[f"ids_{i}"] for i, l in enumerate(all_logits)]))),
+        "activation": activation,
+    }
+    (out_dir / "gemma_tiny_gemma3_reference.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
 
 
 # ---------------------------------------------------------------------------------------------
@@ -335,14 +428,36 @@ def write_adapters(out_dir: Path) -> None:
               f"reload diff {checks['reload_max_abs_diff']:.2e}")
 
 
+PARTS = ("gemma", "adapters", "gemma3")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent / "tests" / "fixtures")
+    parser.add_argument("--only", choices=PARTS, action="append",
+                        help="write only this part (repeatable): Gemma 1 logits, LoRA adapters or Gemma 3 logits")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    parts = set(args.only or PARTS)
+    if "gemma" in parts:
+        write_gemma(args.out)
+    if "adapters" in parts:
+        write_adapters(args.out / "adapters")
+        print(f"wrote {len(ADAPTER_CASES)} LoRA adapter fixtures to {args.out / 'adapters'}")
+    if "gemma3" in parts:
+        summary = reference_gemma3(args.out)
+        print(f"gemma3: transformers read layer_types {summary['resolved_config']['layer_types']}, "
+              f"rope_parameters {summary['resolved_config']['rope_parameters']}; "
+              f"max |logit| {summary['max_abs_logit']:.4f}; greedy {summary['greedy_0']} "
+              f"(min top-2 margin {summary['greedy_min_top2_margin']:.3f}); "
+              f"cache diff {summary['cache_check_max_abs_diff']:.2e}; wrote {summary['file']}")
+
+
+def write_gemma(out: Path) -> None:
+    """The Gemma 1 goldens: gemma_tiny_{shape}_logits.npz and gemma_tiny_reference.json."""
     shapes = {}
     for shape in SHAPES:
-        shapes[shape] = summary = reference_for_shape(shape, args.out)
+        shapes[shape] = summary = reference_for_shape(shape, out)
         act = summary["activation"]
         print(f"{shape}: hidden_act {act['config_json_hidden_act']!r} -> {act['resolved_config_hidden_act']!r} "
               f"({act['act_fn_class']}, tanh approximation: {act['uses_tanh_approximation']}); "
@@ -362,11 +477,9 @@ def main() -> None:
         "cache_check_tolerance": CACHE_TOL,
         "shapes": shapes,
     }
-    path = args.out / "gemma_tiny_reference.json"
+    path = out / "gemma_tiny_reference.json"
     path.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"wrote {', '.join(s['file'] for s in shapes.values())} and {path.name} to {args.out}")
-    write_adapters(args.out / "adapters")
-    print(f"wrote {len(ADAPTER_CASES)} LoRA adapter fixtures to {args.out / 'adapters'}")
+    print(f"wrote {', '.join(s['file'] for s in shapes.values())} and {path.name} to {out}")
 
 
 if __name__ == "__main__":

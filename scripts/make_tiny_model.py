@@ -1,14 +1,20 @@
 #!/usr/bin/env python3
 """Write a small random Gemma checkpoint in Hugging Face layout, for tests and demos.
 
-    python scripts/make_tiny_model.py OUT_DIR [--shape 2b|7b] [--seed 0]
+    python scripts/make_tiny_model.py OUT_DIR [--shape 2b|7b|gemma3] [--seed 0]
 
 The checkpoint has Gemma's structure at toy sizes: `2b` is multi-query (one KV head), `7b`
-multi-head; as in Gemma-7B, heads * head_dim differs from hidden_size. The tokenizer is a
-small SentencePiece-style BPE (spaces as U+2581, byte fallback, no dummy prefix) with Gemma's
-special tokens and chat template, so chat, raw mode and streaming detokenization behave as
-with the real model. Outputs are deterministic for a given seed. Needs numpy, safetensors
-and tokenizers (all dependencies of mlx-gemma); not torch.
+multi-head; as in Gemma-7B, heads * head_dim differs from hidden_size. `gemma3` is a Gemma 3
+text model (Gemma3ForCausalLM, model_type gemma3_text): 4 layers, multi-query, a sliding window
+of 4 on layers 0, 1 and 3 and global attention on layer 2, RoPE bases 1e6 (global) and 1e4
+(local) in transformers 5's per-layer-type `rope_parameters`, query_pre_attn_scalar 24 (not
+head_dim), q/k norms and the four per-layer norms all non-zero so that the (1 + w) convention
+matters.
+
+The tokenizer is a small SentencePiece-style BPE (spaces as U+2581, byte fallback, no dummy
+prefix) with Gemma's special tokens and chat template, so chat, raw mode and streaming
+detokenization behave as with the real model. Outputs are deterministic for a given seed.
+Needs numpy, safetensors and tokenizers (all dependencies of mlx-gemma); not torch.
 """
 
 from __future__ import annotations
@@ -50,10 +56,22 @@ BASE_CHARS = list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ012345678
 # Output projections are scaled up so the layers, not the tied embedding, decide the next token:
 # with plain 1/sqrt(fan_in) init every position would predict its own input token.
 RESIDUAL_GAIN = 6.0
+# Gemma 3 normalizes each block's output (post_attention / post_feedforward norms), so the output
+# projections' gain is lost; these norms' scales (1 + w) sit near this gain instead.
+POST_NORM_GAIN = 4.0
 
 SHAPES = {
     "2b": {"num_attention_heads": 4, "num_key_value_heads": 1},
     "7b": {"num_attention_heads": 4, "num_key_value_heads": 4},
+    "gemma3": {"num_attention_heads": 4, "num_key_value_heads": 1},
+}
+
+# Gemma 3: layer 2 global, the others sliding (sliding_window_pattern 3 says the same to readers
+# that predate layer_types); RoPE per layer type, as transformers 5 writes it.
+GEMMA3_LAYER_TYPES = ["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"]
+GEMMA3_ROPE = {
+    "full_attention": {"rope_type": "default", "rope_theta": 1_000_000.0},
+    "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
 }
 
 
@@ -104,6 +122,8 @@ def tokenizer_config() -> dict:
 
 
 def model_config(shape: str, vocab_size: int) -> dict:
+    if shape == "gemma3":
+        return gemma3_config(vocab_size)
     return {
         "architectures": ["GemmaForCausalLM"],
         "model_type": "gemma",
@@ -129,8 +149,40 @@ def model_config(shape: str, vocab_size: int) -> dict:
     }
 
 
+def gemma3_config(vocab_size: int) -> dict:
+    return {
+        "architectures": ["Gemma3ForCausalLM"],
+        "model_type": "gemma3_text",
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": len(GEMMA3_LAYER_TYPES),
+        "head_dim": 32,
+        **SHAPES["gemma3"],
+        "layer_types": GEMMA3_LAYER_TYPES,
+        "sliding_window": 4,
+        "sliding_window_pattern": 3,
+        "rope_parameters": GEMMA3_ROPE,
+        "query_pre_attn_scalar": 24,
+        "final_logit_softcapping": None,
+        "attn_logit_softcapping": None,
+        "rms_norm_eps": 1e-6,
+        "max_position_embeddings": 512,
+        "vocab_size": vocab_size,
+        "hidden_activation": "gelu_pytorch_tanh",
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "initializer_range": 0.02,
+        "pad_token_id": 0,
+        "eos_token_id": 1,
+        "bos_token_id": 2,
+        "tie_word_embeddings": True,
+        "torch_dtype": "float32",
+    }
+
+
 def random_weights(config: dict, seed: int) -> dict[str, np.ndarray]:
-    """HF GemmaForCausalLM names; scales chosen so logits are well spread (no near-ties)."""
+    """HF GemmaForCausalLM / Gemma3ForCausalLM names; scales chosen so logits are well spread
+    (no near-ties). Gemma 3's extra tensors are drawn after each layer's Gemma 1 ones."""
     rng = np.random.default_rng(seed)
     d, ff, hd = config["hidden_size"], config["intermediate_size"], config["head_dim"]
     nq, nkv = config["num_attention_heads"], config["num_key_value_heads"]
@@ -138,8 +190,8 @@ def random_weights(config: dict, seed: int) -> dict[str, np.ndarray]:
     def dense(out_dim: int, in_dim: int, gain: float = 1.0) -> np.ndarray:
         return (gain * rng.standard_normal((out_dim, in_dim)) / np.sqrt(in_dim)).astype(np.float32)
 
-    def norm() -> np.ndarray:
-        return (0.1 * rng.standard_normal(d)).astype(np.float32)
+    def norm(dim: int = d) -> np.ndarray:
+        return (0.1 * rng.standard_normal(dim)).astype(np.float32)
 
     weights = {"model.embed_tokens.weight": (0.25 * rng.standard_normal((config["vocab_size"], d))).astype(np.float32)}
     for i in range(config["num_hidden_layers"]):
@@ -153,6 +205,12 @@ def random_weights(config: dict, seed: int) -> dict[str, np.ndarray]:
         weights[p + "mlp.gate_proj.weight"] = dense(ff, d)
         weights[p + "mlp.up_proj.weight"] = dense(ff, d)
         weights[p + "mlp.down_proj.weight"] = dense(d, ff, RESIDUAL_GAIN)
+        if config["model_type"] == "gemma3_text":  # post_attention_layernorm is a post-norm here
+            weights[p + "post_attention_layernorm.weight"] += np.float32(POST_NORM_GAIN - 1)
+            weights[p + "self_attn.q_norm.weight"] = norm(hd)
+            weights[p + "self_attn.k_norm.weight"] = norm(hd)
+            weights[p + "pre_feedforward_layernorm.weight"] = norm()
+            weights[p + "post_feedforward_layernorm.weight"] = norm() + np.float32(POST_NORM_GAIN - 1)
     weights["model.norm.weight"] = norm()
     return weights
 
@@ -181,7 +239,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     out = write_tiny_model(args.out_dir, args.shape, args.seed)
-    print(f"wrote a tiny Gemma ({args.shape} shape, seed {args.seed}) to {out}")
+    family = "Gemma 3" if args.shape == "gemma3" else "Gemma"
+    print(f"wrote a tiny {family} ({args.shape} shape, seed {args.seed}) to {out}")
 
 
 if __name__ == "__main__":
