@@ -55,5 +55,14 @@ def blas_note() -> str:
     return _note
 
 
+def startup_note(dtype: str) -> str:
+    """One line for start-up logs: the platform, the BLAS and whether the Linux fast path is on."""
+    if not is_linux():
+        return f"{sys.platform}: MLX's own backend, {dtype} weights"
+    fast = dtype == "float32" and _note.startswith("OpenBLAS preloaded")
+    state = "on" if fast else "off (use float32 weights and install libopenblas0-pthread)"
+    return f"Linux CPU fast path {state}: {dtype} weights, {_note}"
+
+
 def is_linux() -> bool:
     return sys.platform.startswith("linux")

