@@ -16,7 +16,7 @@ adapter, a logits pass) runs on the same thread through `call`/`run`.
 
 from __future__ import annotations
 
-import contextlib
+import collections
 import queue
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -28,7 +28,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .lora.layers import set_rows
-from .models.cache import KVCache, make_cache
+from .models.cache import BatchKVCache, KVCache, make_cache
 from .sampler import GenerationParams, RowSampler, sample
 
 PREFILL_CHUNK = 512
@@ -124,12 +124,33 @@ class Request:
         self.cancelled.set()
 
 
+@dataclass(eq=False)
+class _Row:
+    """A request in the running batch: its sampler, adapter slot, last token and count."""
+
+    request: Request
+    sampler: RowSampler
+    slot: int
+    limit: int
+    token: int = 0
+    count: int = 0
+    released: bool = False
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            self.request.release()
+
+
 class EngineThread:
-    """The one thread that runs MLX work: generation requests and calls, in arrival order.
+    """The one thread that runs MLX work: a continuous batch of generations, and calls.
 
     `submit(request)` queues a generation, or raises QueueFullError at once when `max_queue`
-    requests are already waiting. `call(fn)` runs `fn` on the thread between requests and
-    returns a Future; `run(fn)` waits for it (or calls it directly on the engine thread).
+    requests are already waiting. Waiting requests are prefilled one at a time, then join the
+    running batch of at most `max_batch` rows, which decodes one token per row per step with
+    each row's own adapter slot and sampler; finished or cancelled rows leave at the next step.
+    `call(fn)` runs `fn` on the thread between steps and returns a Future; `run(fn)` waits for
+    it (or calls it directly on the engine thread).
     """
 
     def __init__(self, model: nn.Module, stop_ids: frozenset[int], context_length: int, max_queue: int = 64,
@@ -140,11 +161,18 @@ class EngineThread:
         self.context_length = context_length
         self.max_queue = max_queue
         self.waiting = 0
-        self.active = 0
+        self._rows: list[_Row] = []
+        self._cache: list[BatchKVCache] = [BatchKVCache() for _ in model.layers]
+        self._pending: collections.deque[Request] = collections.deque()
         self._jobs: queue.SimpleQueue[Request | tuple[Callable[[], Any], Future] | None] = queue.SimpleQueue()
         self._count_lock = threading.Lock()
         self._thread = threading.Thread(target=self._loop, name="mlx-gemma-engine", daemon=True)
         self._thread.start()
+
+    @property
+    def active(self) -> int:
+        """Rows in the running batch."""
+        return len(self._rows)
 
     def submit(self, request: Request) -> None:
         with self._count_lock:
@@ -169,36 +197,96 @@ class EngineThread:
         self._thread.join(timeout=10)
 
     def _loop(self) -> None:
-        while (job := self._jobs.get()) is not None:
+        while self._take_jobs(block=not self._rows and not self._pending):
+            self._admit()
+            if self._rows:
+                self._step()
+
+    def _take_jobs(self, block: bool) -> bool:
+        """Move queued requests to pending and run queued calls; False when told to stop."""
+        try:
+            job = self._jobs.get(block=block)
+        except queue.Empty:
+            return True
+        while job is not None:
             if isinstance(job, Request):
-                with self._count_lock:
-                    self.waiting -= 1
-                self._serve(job)
+                self._pending.append(job)
             else:
                 _run_call(*job)
-
-    def _serve(self, request: Request) -> None:
-        if request.cancelled.is_set():
-            return
-        self.active += 1
-        try:
-            slot = request.acquire()
             try:
-                self._generate(request, slot)
-            finally:
-                request.release()
-        except Exception as exc:  # the request's own failure; the thread serves the next one
-            _emit_quietly(request, exc)
-        finally:
-            self.active -= 1
+                job = self._jobs.get_nowait()
+            except queue.Empty:
+                return True
+        return False
 
-    def _generate(self, request: Request, slot: int) -> None:
-        steps = generate_tokens(self.model, request.prompt_ids, request.params, self.stop_ids,
-                                self.context_length, adapter_slot=slot)
-        with contextlib.closing(steps):
-            for step in steps:
-                if request.cancelled.is_set() or not _emit_quietly(request, step):
-                    return
+    def _admit(self) -> None:
+        """Prefill one waiting request into the batch (one per step keeps running rows moving)."""
+        while self._pending and len(self._rows) < self.max_batch:
+            request = self._pending.popleft()
+            with self._count_lock:
+                self.waiting -= 1
+            if request.cancelled.is_set():
+                continue
+            try:
+                self._prefill(request)
+            except Exception as exc:  # the request's own failure; the batch goes on
+                _emit_quietly(request, exc)
+            return
+
+    def _prefill(self, request: Request) -> None:
+        check_prompt_length(len(request.prompt_ids), self.context_length)
+        slot = request.acquire()
+        try:
+            set_rows(self.model, [slot])
+            cache = make_cache(len(self.model.layers))
+            sampler = RowSampler(request.params, request.prompt_ids, self.model.args.vocab_size)
+            first = sample(prefill(self.model, cache, request.prompt_ids), [sampler])
+            limit = min(request.params.max_tokens, self.context_length - len(request.prompt_ids))
+            row = _Row(request, sampler, slot, limit, token=first.item())
+        except BaseException:
+            request.release()
+            raise
+        if self._emit(row):
+            for batch_cache, row_cache in zip(self._cache, cache):
+                batch_cache.add(row_cache)
+            self._rows.append(row)
+
+    def _emit(self, row: _Row) -> bool:
+        """Hand the row's new token to its reader; False (and the slot released) when the row is done."""
+        row.count += 1
+        finish = "stop" if row.token in self.stop_ids else "length" if row.count >= row.limit else None
+        delivered = _emit_quietly(row.request, StepOutput(row.token, finish))
+        if finish or not delivered or row.request.cancelled.is_set():
+            row.release()
+            return False
+        return True
+
+    def _step(self) -> None:
+        self._drop([i for i, row in enumerate(self._rows) if not row.request.cancelled.is_set()])
+        if not self._rows:
+            return
+        set_rows(self.model, [row.slot for row in self._rows])
+        tokens = mx.array([[row.token] for row in self._rows], dtype=mx.int32)
+        logits = self.model(tokens, cache=self._cache)[:, -1, :]
+        next_tokens = sample(logits, [row.sampler for row in self._rows])
+        mx.eval(next_tokens, [c.state for c in self._cache])
+        keep = []
+        for i, (row, token) in enumerate(zip(self._rows, next_tokens.tolist())):
+            row.token = token
+            if self._emit(row):
+                keep.append(i)
+        self._drop(keep)
+
+    def _drop(self, keep: list[int]) -> None:
+        """Keep only these rows; release the others' slots if they still hold them."""
+        if len(keep) == len(self._rows):
+            return
+        for i, row in enumerate(self._rows):
+            if i not in keep:
+                row.release()
+        self._rows = [self._rows[i] for i in keep]
+        for batch_cache in self._cache:
+            batch_cache.keep(keep)
 
 
 def _emit_quietly(request: Request, item: StepOutput | BaseException) -> bool:

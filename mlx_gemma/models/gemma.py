@@ -79,7 +79,7 @@ class Attention(nn.Module):
         keys = self.rope(keys, offset=offset)
         if cache is not None:
             keys, values = cache.update_and_fetch(keys, values)
-        mask = "causal" if length > 1 else None
+        mask = cache.mask() if getattr(cache, "batched", False) else ("causal" if length > 1 else None)
         out = mx.fast.scaled_dot_product_attention(queries, keys, values, scale=self.scale, mask=mask)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(batch, length, -1))
 

@@ -123,7 +123,10 @@ class Attention(nn.Module):
         queries, keys = self.rope(queries, offset=offset), self.rope(keys, offset=offset)
         if cache is not None:
             keys, values = cache.update_and_fetch(keys, values)
-        keys, values, mask = self._visible(keys, values, length)
+        if getattr(cache, "batched", False):
+            mask = cache.mask(self.window)
+        else:
+            keys, values, mask = self._visible(keys, values, length)
         out = mx.fast.scaled_dot_product_attention(queries, keys, values, scale=self.scale, mask=mask)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(batch, length, -1))
 
