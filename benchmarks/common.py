@@ -89,7 +89,7 @@ SEVEN_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_pr
 
 
 def write_random_peft_adapter(out: Path, linears: dict[str, tuple[int, int]], rank: int = 8,
-                              alpha: float = 16.0, seed: int = 0) -> Path:
+                              alpha: float = 16.0, seed: int = 0, model_type: str = "gemma") -> Path:
     """A PEFT-format rank-`rank` adapter on all seven projections of every layer, random weights."""
     import json
 
@@ -106,6 +106,6 @@ def write_random_peft_adapter(out: Path, linears: dict[str, tuple[int, int]], ra
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out / "adapter_model.safetensors"))
     config = {"peft_type": "LORA", "r": rank, "lora_alpha": alpha, "target_modules": SEVEN_PROJECTIONS,
-              "bias": "none", "model_type": "gemma"}
+              "bias": "none", "model_type": model_type}
     (out / "adapter_config.json").write_text(json.dumps(config))
     return out

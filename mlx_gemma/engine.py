@@ -19,6 +19,7 @@ from __future__ import annotations
 import collections
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -118,10 +119,35 @@ class Request:
     acquire: Callable[[], int] = _no_adapter
     release: Callable[[], None] = _nothing
     cancelled: threading.Event = field(default_factory=threading.Event)
+    submitted: float = field(default_factory=time.perf_counter)
 
     def cancel(self) -> None:
         """Stop this request at its next step (or before it starts); its slot is freed then."""
         self.cancelled.set()
+
+
+TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+@dataclass
+class EngineStats:
+    """Counters since the engine started, for /metrics; read them from any thread."""
+
+    requests: collections.Counter = field(default_factory=collections.Counter)  # by finish reason
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    steps: int = 0
+    peak_batch: int = 0
+    ttft_bucket_counts: list[int] = field(default_factory=lambda: [0] * len(TTFT_BUCKETS))
+    ttft_sum: float = 0.0
+    ttft_count: int = 0
+
+    def first_token(self, seconds: float) -> None:
+        self.ttft_sum += seconds
+        self.ttft_count += 1
+        for i, bound in enumerate(TTFT_BUCKETS):
+            if seconds <= bound:
+                self.ttft_bucket_counts[i] += 1
 
 
 @dataclass(eq=False)
@@ -161,6 +187,7 @@ class EngineThread:
         self.context_length = context_length
         self.max_queue = max_queue
         self.waiting = 0
+        self.stats = EngineStats()
         self._rows: list[_Row] = []
         self._cache: list[BatchKVCache] = [BatchKVCache() for _ in model.layers]
         self._pending: collections.deque[Request] = collections.deque()
@@ -230,6 +257,7 @@ class EngineThread:
             try:
                 self._prefill(request)
             except Exception as exc:  # the request's own failure; the batch goes on
+                self.stats.requests["error"] += 1
                 _emit_quietly(request, exc)
             return
 
@@ -246,6 +274,8 @@ class EngineThread:
         except BaseException:
             request.release()
             raise
+        self.stats.prompt_tokens += len(request.prompt_ids)
+        self.stats.first_token(time.perf_counter() - request.submitted)
         if self._emit(row):
             for batch_cache, row_cache in zip(self._cache, cache):
                 batch_cache.add(row_cache)
@@ -254,9 +284,11 @@ class EngineThread:
     def _emit(self, row: _Row) -> bool:
         """Hand the row's new token to its reader; False (and the slot released) when the row is done."""
         row.count += 1
+        self.stats.generated_tokens += 1
         finish = "stop" if row.token in self.stop_ids else "length" if row.count >= row.limit else None
         delivered = _emit_quietly(row.request, StepOutput(row.token, finish))
         if finish or not delivered or row.request.cancelled.is_set():
+            self.stats.requests[finish or "cancelled"] += 1
             row.release()
             return False
         return True
@@ -270,6 +302,8 @@ class EngineThread:
         logits = self.model(tokens, cache=self._cache)[:, -1, :]
         next_tokens = sample(logits, [row.sampler for row in self._rows])
         mx.eval(next_tokens, [c.state for c in self._cache])
+        self.stats.steps += 1
+        self.stats.peak_batch = max(self.stats.peak_batch, len(self._rows))
         keep = []
         for i, (row, token) in enumerate(zip(self._rows, next_tokens.tolist())):
             row.token = token
@@ -282,7 +316,8 @@ class EngineThread:
         if len(keep) == len(self._rows):
             return
         for i, row in enumerate(self._rows):
-            if i not in keep:
+            if i not in keep and not row.released:
+                self.stats.requests["cancelled"] += 1
                 row.release()
         self._rows = [self._rows[i] for i in keep]
         for batch_cache in self._cache:

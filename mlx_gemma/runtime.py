@@ -8,6 +8,9 @@ Contract (the public Python API; other code relies on these names):
 - `Runtime.stream(...)`, same arguments: a `TextStream` yielding text pieces; its `.usage` and
   `.finish_reason` are set once it is exhausted. A stream holds the runtime while it runs:
   exhaust it or `close()` it.
+- `Runtime.generate_many([{...generate kwargs...}, ...])`: the requests run together in the
+  engine's continuous batch (rows with different adapters share each forward pass); results
+  come back in order, each the same as `generate` alone would give.
 - `Runtime.logits(token_ids, lora=None)`: float32 numpy array (len(token_ids), vocab_size).
 - `Runtime.add_adapter(name, path)`, `remove_adapter(name)`, `adapters()`: LoRA adapters
   (PEFT or mlx-lm files) kept resident beside the shared base weights; `lora="name"` picks
@@ -219,6 +222,27 @@ class Runtime:
                              repetition_penalty, frequency_penalty, presence_penalty)
         text = "".join(stream)
         return GenerationResult(text, stream.usage, stream.finish_reason or "length", stream.token_ids)
+
+    def generate_many(self, requests: Sequence[Mapping[str, Any]]) -> list[GenerationResult]:
+        """Run requests together in the engine's batch; results in the order given.
+
+        Each request is a dict of `generate`'s keyword arguments. All are validated before any
+        runs; a bad one raises ValueError naming its index.
+        """
+        prepared = []
+        for index, request in enumerate(requests):
+            try:
+                prepared.append((*self.prepare(**request), request.get("lora")))
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"requests[{index}]: {exc}") from None
+        results = []
+        wave = max(1, self.engine.max_queue)  # never more waiting than the queue holds
+        for start in range(0, len(prepared), wave):
+            streams = [TextStream(self, ids, params, lora) for ids, params, lora in prepared[start:start + wave]]
+            texts = ["".join(stream) for stream in streams]
+            results += [GenerationResult(text, s.usage, s.finish_reason or "length", s.token_ids)
+                        for text, s in zip(texts, streams)]
+        return results
 
     def logits(self, token_ids: Sequence[int], lora: str | None = None) -> np.ndarray:
         """Logits of every position for the given ids, in one forward pass without cache."""

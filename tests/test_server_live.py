@@ -6,6 +6,7 @@ the Python API's greedy text. The SIGKILL test runs `mlx-gemma serve` as a child
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -45,19 +46,28 @@ def free_socket() -> socket.socket:
     return sock
 
 
-@pytest.fixture(scope="module")
-def live(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, mlx_gemma.Runtime]]:
-    runtime = mlx_gemma.load(tiny_dir)
-    app = build_app(runtime, Settings(data_dir=tmp_path_factory.mktemp("live-data"), api_token=TOKEN))
+@contextlib.contextmanager
+def serving(app) -> Iterator[str]:
+    """Run the app with uvicorn in a thread on a free loopback port; yield its base URL."""
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
     sock = free_socket()
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     while not server.started:
         time.sleep(0.02)
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}", runtime
-    server.should_exit = True
-    thread.join(timeout=10)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def live(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, mlx_gemma.Runtime]]:
+    runtime = mlx_gemma.load(tiny_dir)
+    app = build_app(runtime, Settings(data_dir=tmp_path_factory.mktemp("live-data"), api_token=TOKEN))
+    with serving(app) as url:
+        yield url, runtime
 
 
 @pytest.fixture(scope="module")

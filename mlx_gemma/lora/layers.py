@@ -32,12 +32,23 @@ class LoRAContext:
     def __init__(self) -> None:
         self.single: int = 0  # every row on this slot (0 = no adapter)
         self.rows: mx.array | None = None  # per-row slots when they differ
+        self.batch: mx.array | None = None  # 0..B-1, the row each output comes from
+        self._within: dict[int, mx.array] = {}
 
     def set(self, slots: Sequence[int]) -> None:
+        self._within = {}
         if len(set(slots)) <= 1:
-            self.single, self.rows = (slots[0] if slots else 0), None
+            self.single, self.rows, self.batch = (slots[0] if slots else 0), None, None
         else:
             self.single, self.rows = -1, mx.array(list(slots), dtype=mx.int32)
+            self.batch = mx.arange(len(slots), dtype=mx.uint32)
+
+    def rows_within(self, n_slots: int) -> mx.array:
+        """Each row's slot, or 0 (a zero adapter) where a layer's stack has no such slot; cached per step."""
+        if n_slots not in self._within:
+            rows = self.rows
+            self._within[n_slots] = (mx.minimum(rows, n_slots - 1) * (rows < n_slots)).astype(mx.uint32)
+        return self._within[n_slots]
 
 
 class LoRALinear(nn.Module):
@@ -80,8 +91,9 @@ class LoRALinear(nn.Module):
             weights = self._adapters.get(single)
             return y if weights is None else y + (x @ weights.a) @ weights.b
         a, b = self._stack()
-        rows = mx.minimum(self._context.rows, a.shape[0] - 1) * (self._context.rows < a.shape[0])
-        return y + (x @ a[rows]) @ b[rows]
+        rows, batch = self._context.rows_within(a.shape[0]), self._context.batch
+        h = mx.gather_mm(x, a, lhs_indices=batch, rhs_indices=rows)
+        return y + mx.gather_mm(h, b, lhs_indices=batch, rhs_indices=rows)
 
 
 def context_of(model: nn.Module) -> LoRAContext:

@@ -1,7 +1,7 @@
 """build_app(runtime, settings) -> the Starlette application of `mlx-gemma serve`.
 
-Contract: mounts the Workers AI routes (workers_ai.py), the OpenAI routes (openai.py) and
-`GET /healthz`. With `settings.api_token`, every route but /healthz needs
+Contract: mounts the Workers AI routes (workers_ai.py), the OpenAI routes (openai.py),
+`GET /healthz` and `GET /metrics` (Prometheus text, metrics.py). With `settings.api_token`, every route but /healthz needs
 `Authorization: Bearer <token>` (else 401, code 10000). Every ApiError becomes the Workers AI
 error envelope with its status (OpenAI's error object under a /v1/ path); an unexpected
 exception becomes a 500 envelope and is logged, and the server keeps serving.
@@ -90,8 +90,16 @@ async def healthz(request: Request) -> Response:
                          "active": engine.active, "waiting": engine.waiting})
 
 
+async def metrics(request: Request) -> Response:
+    from .metrics import render
+
+    body, content_type = render(request.app.state.service)
+    return Response(body, media_type=content_type)
+
+
 def build_app(runtime: Runtime, settings: Settings, store: FinetuneStore | None = None) -> Starlette:
-    routes = [Route("/healthz", healthz, methods=["GET"]), *workers_ai.routes(), *openai.routes()]
+    routes = [Route("/healthz", healthz, methods=["GET"]), Route("/metrics", metrics, methods=["GET"]),
+              *workers_ai.routes(), *openai.routes()]
     handlers: dict[Any, Any] = {ApiError: api_error, HTTPException: http_error, Exception: server_error}
     app = Starlette(routes=routes, exception_handlers=handlers)
     app.state.service = Service(runtime, settings, store)
