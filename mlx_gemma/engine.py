@@ -151,6 +151,23 @@ class EngineStats:
 
 
 @dataclass(eq=False)
+class _Prefill:
+    """A request whose prompt is being read, one chunk per engine step."""
+
+    request: Request
+    slot: int
+    sampler: RowSampler
+    cache: list[KVCache]
+    remaining: list[int]
+    released: bool = False
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            self.request.release()
+
+
+@dataclass(eq=False)
 class _Row:
     """A request in the running batch: its sampler, adapter slot, last token and count."""
 
@@ -189,6 +206,7 @@ class EngineThread:
         self.waiting = 0
         self.stats = EngineStats()
         self._rows: list[_Row] = []
+        self._prefilling: _Prefill | None = None
         self._cache: list[BatchKVCache] = [BatchKVCache() for _ in model.layers]
         self._pending: collections.deque[Request] = collections.deque()
         self._jobs: queue.SimpleQueue[Request | tuple[Callable[[], Any], Future] | None] = queue.SimpleQueue()
@@ -224,7 +242,7 @@ class EngineThread:
         self._thread.join(timeout=10)
 
     def _loop(self) -> None:
-        while self._take_jobs(block=not self._rows and not self._pending):
+        while self._take_jobs(block=not self._rows and not self._pending and self._prefilling is None):
             self._admit()
             if self._rows:
                 self._step()
@@ -247,7 +265,21 @@ class EngineThread:
         return False
 
     def _admit(self) -> None:
-        """Prefill one waiting request into the batch (one per step keeps running rows moving)."""
+        """Advance the prompt being prefilled by one chunk, or start the next waiting one.
+
+        One chunk per step keeps running rows moving while a long prompt is read."""
+        if self._prefilling is None:
+            self._prefilling = self._next_prefill()
+        if self._prefilling is not None:
+            try:
+                self._prefill_chunk(self._prefilling)
+            except Exception as exc:  # the request's own failure; the batch goes on
+                self.stats.requests["error"] += 1
+                self._prefilling.release()
+                _emit_quietly(self._prefilling.request, exc)
+                self._prefilling = None
+
+    def _next_prefill(self) -> "_Prefill | None":
         while self._pending and len(self._rows) < self.max_batch:
             request = self._pending.popleft()
             with self._count_lock:
@@ -255,29 +287,36 @@ class EngineThread:
             if request.cancelled.is_set():
                 continue
             try:
-                self._prefill(request)
-            except Exception as exc:  # the request's own failure; the batch goes on
+                check_prompt_length(len(request.prompt_ids), self.context_length)
+                sampler = RowSampler(request.params, request.prompt_ids, self.model.args.vocab_size)
+                slot = request.acquire()
+            except Exception as exc:
                 self.stats.requests["error"] += 1
                 _emit_quietly(request, exc)
-            return
+                continue
+            return _Prefill(request, slot, sampler, make_cache(len(self.model.layers)), list(request.prompt_ids))
+        return None
 
-    def _prefill(self, request: Request) -> None:
-        check_prompt_length(len(request.prompt_ids), self.context_length)
-        slot = request.acquire()
-        try:
-            set_rows(self.model, [slot])
-            cache = make_cache(len(self.model.layers))
-            sampler = RowSampler(request.params, request.prompt_ids, self.model.args.vocab_size)
-            first = sample(prefill(self.model, cache, request.prompt_ids), [sampler])
-            limit = min(request.params.max_tokens, self.context_length - len(request.prompt_ids))
-            row = _Row(request, sampler, slot, limit, token=first.item())
-        except BaseException:
-            request.release()
-            raise
+    def _prefill_chunk(self, job: "_Prefill") -> None:
+        if job.request.cancelled.is_set():
+            self.stats.requests["cancelled"] += 1
+            job.release()
+            self._prefilling = None
+            return
+        set_rows(self.model, [job.slot])
+        chunk, job.remaining = job.remaining[:PREFILL_CHUNK], job.remaining[PREFILL_CHUNK:]
+        logits = self.model(mx.array(chunk, dtype=mx.int32)[None], cache=job.cache, last_only=True)
+        if job.remaining:
+            mx.eval([c.state for c in job.cache])
+            return
+        self._prefilling = None
+        request = job.request
+        limit = min(request.params.max_tokens, self.context_length - len(request.prompt_ids))
+        row = _Row(request, job.sampler, job.slot, limit, token=sample(logits[:, -1, :], [job.sampler]).item())
         self.stats.prompt_tokens += len(request.prompt_ids)
         self.stats.first_token(time.perf_counter() - request.submitted)
         if self._emit(row):
-            for batch_cache, row_cache in zip(self._cache, cache):
+            for batch_cache, row_cache in zip(self._cache, job.cache):
                 batch_cache.add(row_cache)
             self._rows.append(row)
 

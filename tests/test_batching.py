@@ -147,3 +147,18 @@ def test_a_thousand_requests_leak_nothing(tiny_dir: Path, tmp_path: Path) -> Non
         process.kill()
         process.wait(timeout=10)
     assert abs(final - baseline) <= 0.05 * baseline, f"resident memory went from {baseline} to {final} bytes"
+
+
+def test_a_long_prompt_is_read_in_chunks_between_decode_steps(batch_rt: mlx_gemma.Runtime) -> None:
+    from mlx_gemma.engine import PREFILL_CHUNK
+
+    long_prompt = "x" * (2 * PREFILL_CHUNK + 100)  # byte-level tiny tokenizer: about three chunks
+    alone = batch_rt.generate(prompt=long_prompt, raw=True, temperature=0, max_tokens=4)
+    running = batch_rt.stream(prompt="Keep talking", temperature=0, max_tokens=300)
+    next(running)
+    steps_at_submit = batch_rt.engine.stats.steps
+    reading = batch_rt.stream(prompt=long_prompt, raw=True, temperature=0, max_tokens=4)
+    first = next(reading)
+    assert batch_rt.engine.stats.steps - steps_at_submit >= 2, "running rows waited for the whole prefill"
+    assert first + "".join(reading) == alone.text
+    running.close()
