@@ -8,9 +8,12 @@ which says "stop" (a stop id was generated; it is counted, not decoded) or "leng
 read back, so Python's bookkeeping overlaps the model's compute. The engine knows token ids
 only, never text.
 
-`EngineThread` is the one thread that owns MLX: requests reach it through a bounded queue
-(`QueueFullError` when `max_queue` are waiting), each `Request` streams its steps back through
-its `emit` callback, and a cancelled request stops at its next step. Other MLX work (loading an
+`EngineThread` is the one thread that owns MLX and runs a continuous batch: requests reach it
+through a bounded queue (`QueueFullError` when `max_queue` are waiting); a waiting request's
+prompt is read one chunk per engine step, then its row joins the running batch (at most
+`max_batch` rows, each with its own adapter slot and sampler, decoded together); each
+`Request` streams its steps back through its `emit` callback, and a cancelled request leaves
+at its next step. Other MLX work (loading an
 adapter, a logits pass) runs on the same thread through `call`/`run`.
 """
 
