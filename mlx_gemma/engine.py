@@ -103,6 +103,10 @@ def _no_adapter() -> int:
     return 0
 
 
+def _base_key() -> str:
+    return "base"
+
+
 def _nothing() -> None:
     return None
 
@@ -121,12 +125,68 @@ class Request:
     emit: Callable[[StepOutput | BaseException], None]
     acquire: Callable[[], int] = _no_adapter
     release: Callable[[], None] = _nothing
+    adapter_key: Callable[[], str] = _base_key  # after acquire: what the weights are, for prefix reuse
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.perf_counter)
 
     def cancel(self) -> None:
         """Stop this request at its next step (or before it starts); its slot is freed then."""
         self.cancelled.set()
+
+
+class PrefixCache:
+    """KV caches of recent prompts, reused by later prompts that start with the same tokens.
+
+    Keyed by the adapter's content (its hash, or "base") and the prompt's token ids, so a
+    re-uploaded adapter under an old name never sees the old adapter's cache. Holds at most
+    `max_prompts` prompts and `max_tokens` positions in all, evicting the least recently used
+    prompt first.
+    """
+
+    def __init__(self, max_tokens: int = 32768, max_prompts: int = 32, min_match: int = 8):
+        self.max_tokens = max_tokens
+        self.max_prompts = max_prompts
+        self.min_match = min_match
+        self._entries: collections.OrderedDict[tuple[str, tuple[int, ...]], list[KVCache]] = collections.OrderedDict()
+
+    def lookup(self, key: str, ids: Sequence[int]) -> tuple[int, list[KVCache]] | None:
+        """The longest stored prefix of ids[:-1] (at least min_match tokens), as fresh caches."""
+        best, best_n = None, self.min_match - 1
+        for entry_key in self._entries:
+            if entry_key[0] == key:
+                n = _common_prefix(entry_key[1], ids, limit=len(ids) - 1)
+                best, best_n = (entry_key, n) if n > best_n else (best, best_n)
+        if best is None:
+            return None
+        self._entries.move_to_end(best)
+        return best_n, [_cache_prefix(cache, best_n) for cache in self._entries[best]]
+
+    def store(self, key: str, ids: Sequence[int], caches: list[KVCache]) -> None:
+        if len(ids) < self.min_match or len(ids) > self.max_tokens:
+            return
+        compact = [_cache_prefix(cache, len(ids)) for cache in caches]
+        mx.eval([c.state for c in compact])
+        self._entries[(key, tuple(ids))] = compact
+        self._entries.move_to_end((key, tuple(ids)))
+        while len(self._entries) > self.max_prompts or sum(len(k[1]) for k in self._entries) > self.max_tokens:
+            self._entries.popitem(last=False)
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int], limit: int) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y or n >= limit:
+            break
+        n += 1
+    return n
+
+
+def _cache_prefix(cache: KVCache, n: int) -> KVCache:
+    """A new cache holding the first n positions of `cache` (the arrays are not shared for writing)."""
+    copy = KVCache()
+    copy.keys, copy.values = mx.contiguous(cache.keys[..., :n, :]), mx.contiguous(cache.values[..., :n, :])
+    copy.offset = n
+    return copy
 
 
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -141,6 +201,7 @@ class EngineStats:
     generated_tokens: int = 0
     steps: int = 0
     peak_batch: int = 0
+    prefix_reused_tokens: int = 0
     ttft_bucket_counts: list[int] = field(default_factory=lambda: [0] * len(TTFT_BUCKETS))
     ttft_sum: float = 0.0
     ttft_count: int = 0
@@ -162,6 +223,7 @@ class _Prefill:
     sampler: RowSampler
     cache: list[KVCache]
     remaining: list[int]
+    adapter_key: str
     released: bool = False
 
     def release(self) -> None:
@@ -210,6 +272,7 @@ class EngineThread:
         self.stats = EngineStats()
         self._rows: list[_Row] = []
         self._prefilling: _Prefill | None = None
+        self.prefixes = PrefixCache()
         self._cache: list[BatchKVCache] = [BatchKVCache() for _ in model.layers]
         self._pending: collections.deque[Request] = collections.deque()
         self._jobs: queue.SimpleQueue[Request | tuple[Callable[[], Any], Future] | None] = queue.SimpleQueue()
@@ -297,8 +360,18 @@ class EngineThread:
                 self.stats.requests["error"] += 1
                 _emit_quietly(request, exc)
                 continue
-            return _Prefill(request, slot, sampler, make_cache(len(self.model.layers)), list(request.prompt_ids))
+            return self._start_prefill(request, slot, sampler)
         return None
+
+    def _start_prefill(self, request: Request, slot: int, sampler: RowSampler) -> "_Prefill":
+        ids = list(request.prompt_ids)
+        key = request.adapter_key()
+        hit = self.prefixes.lookup(key, ids)
+        if hit is None:
+            return _Prefill(request, slot, sampler, make_cache(len(self.model.layers)), ids, key)
+        reused, cache = hit
+        self.stats.prefix_reused_tokens += reused
+        return _Prefill(request, slot, sampler, cache, ids[reused:], key)
 
     def _prefill_chunk(self, job: "_Prefill") -> None:
         if job.request.cancelled.is_set():
@@ -314,6 +387,7 @@ class EngineThread:
             return
         self._prefilling = None
         request = job.request
+        self.prefixes.store(job.adapter_key, request.prompt_ids, job.cache)
         limit = min(request.params.max_tokens, self.context_length - len(request.prompt_ids))
         row = _Row(request, job.sampler, job.slot, limit, token=sample(logits[:, -1, :], [job.sampler]).item())
         self.stats.prompt_tokens += len(request.prompt_ids)

@@ -183,6 +183,10 @@ class Runtime:
         except KeyError:
             raise ValueError(f"lora={lora!r}: the adapter was removed before the request started") from None
 
+    def _adapter_key(self, lora: str | None) -> str:
+        """What the weights of a request are (after acquire): "base", or the adapter's content hash."""
+        return "base" if self._uses_base(lora) else self.registry.get(lora).content_hash
+
     def _release(self, lora: str | None) -> None:
         if not self._uses_base(lora):
             self.registry.release(lora)
@@ -199,7 +203,8 @@ class Runtime:
     def submit(self, ids: list[int], params: GenerationParams, lora: str | None,
                emit: Callable[[StepOutput | BaseException], None]) -> Request:
         """Queue a prepared request on the engine thread; `emit` gets its steps. Raises QueueFullError."""
-        request = Request(ids, params, emit, acquire=lambda: self._acquire(lora), release=lambda: self._release(lora))
+        request = Request(ids, params, emit, acquire=lambda: self._acquire(lora), release=lambda: self._release(lora),
+                          adapter_key=lambda: self._adapter_key(lora))
         self.engine.submit(request)
         return request
 

@@ -162,3 +162,42 @@ def test_a_long_prompt_is_read_in_chunks_between_decode_steps(batch_rt: mlx_gemm
     assert batch_rt.engine.stats.steps - steps_at_submit >= 2, "running rows waited for the whole prefill"
     assert first + "".join(reading) == alone.text
     running.close()
+
+
+def test_a_repeated_prefix_reuses_its_cache_and_changes_nothing(tiny_dir: Path) -> None:
+    from mlx_gemma.engine import PrefixCache
+
+    rt = mlx_gemma.load(tiny_dir)
+    system = {"role": "system", "content": "You answer in one careful sentence, citing a source. " * 2}
+    ask = lambda text: rt.generate(messages=[system, {"role": "user", "content": text}],  # noqa: E731
+                                   temperature=0, max_tokens=10)
+    ask("What is MLX?")
+    reused = ask("And what is LoRA?")
+    n_reused = rt.engine.stats.prefix_reused_tokens
+    first, second = (rt.prepare(messages=[system, {"role": "user", "content": text}])[0]
+                     for text in ("What is MLX?", "And what is LoRA?"))
+    shared = next(i for i, (a, b) in enumerate(zip(first, second)) if a != b)
+    assert n_reused == shared > 60  # the system turn and the template around it were not read again
+    rt.engine.prefixes = PrefixCache()  # forget: the same request computed from scratch
+    assert ask("And what is LoRA?").token_ids == reused.token_ids
+    assert rt.engine.stats.prefix_reused_tokens == n_reused
+
+
+def test_prefix_reuse_is_per_adapter_content(tiny_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    rt = mlx_gemma.load(tiny_dir)
+    prompt = "A prompt long enough to be worth keeping around for later."
+    rt.generate(prompt=prompt, temperature=0, max_tokens=2)
+    adapter = tmp_path / "a"
+    shutil.copytree(ADAPTERS["all7_r8"], adapter)
+    rt.add_adapter("a", str(adapter))
+    rt.generate(prompt=prompt, lora="a", temperature=0, max_tokens=2)
+    assert rt.engine.stats.prefix_reused_tokens == 0  # the base's cache is not the adapter's
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        shutil.copy(Path(ADAPTERS["second_all7_r8"]) / name, adapter / name)
+    rt.add_adapter("a", str(adapter))  # same name, new weights
+    fresh = rt.generate(prompt=prompt, lora="a", temperature=0, max_tokens=6)
+    assert rt.engine.stats.prefix_reused_tokens == 0
+    reference = mlx_gemma.load(tiny_dir, adapters={"b": ADAPTERS["second_all7_r8"]})
+    assert fresh.token_ids == reference.generate(prompt=prompt, lora="b", temperature=0, max_tokens=6).token_ids

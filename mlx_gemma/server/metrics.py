@@ -1,7 +1,8 @@
 """`GET /metrics`: the engine's counters in Prometheus' text format (prometheus-client).
 
 Contract: `render(service) -> (body, content_type)`, read fresh from `EngineStats` at each
-scrape: requests by finish reason, prompt and generated tokens, decode steps, the running
+scrape: requests by finish reason, prompt and generated tokens, decode steps, prompt tokens
+reused from the prefix cache, the running
 batch size and the queue depth, resident adapters, and a time-to-first-token histogram.
 """
 
@@ -30,6 +31,8 @@ class EngineCollector:
         yield CounterMetricFamily("mlx_gemma_prompt_tokens", "Prompt tokens prefilled", value=stats.prompt_tokens)
         yield CounterMetricFamily("mlx_gemma_generated_tokens", "Tokens generated", value=stats.generated_tokens)
         yield CounterMetricFamily("mlx_gemma_decode_steps", "Batched decode steps", value=stats.steps)
+        yield CounterMetricFamily("mlx_gemma_prefix_reused_tokens", "Prompt tokens served from the prefix cache",
+                                  value=stats.prefix_reused_tokens)
         yield GaugeMetricFamily("mlx_gemma_batch_size", "Rows in the running batch", value=engine.active)
         yield GaugeMetricFamily("mlx_gemma_queue_depth", "Requests waiting for the engine", value=engine.waiting)
         yield GaugeMetricFamily("mlx_gemma_resident_adapters", "LoRA adapters resident in memory",
