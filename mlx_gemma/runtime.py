@@ -69,6 +69,13 @@ class Pieces:
         self.token_ids: list[int] = []
         self.finish_reason: str | None = None
 
+    def take(self, item: StepOutput | BaseException) -> str:
+        """`feed` a step; an exception from the engine ends the request and is raised here."""
+        if isinstance(item, BaseException):
+            self.finish_reason = "error"
+            raise item
+        return self.feed(item)
+
     def feed(self, step: StepOutput) -> str:
         self.token_ids.append(step.token)
         piece = "" if step.token in self._stop_ids else self._detokenizer.add(step.token)
@@ -104,12 +111,7 @@ class TextStream:
 
     def __next__(self) -> str:
         while self._pieces.finish_reason is None:
-            item = self._items.get()
-            if isinstance(item, BaseException):
-                self._pieces.finish_reason = "error"
-                raise item
-            piece = self._pieces.feed(item)
-            if piece:
+            if piece := self._pieces.take(self._items.get()):
                 return piece
         raise StopIteration
 

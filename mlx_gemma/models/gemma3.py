@@ -27,6 +27,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
+from . import gemma
 from .gemma import MLP, RMSNorm
 
 SLIDING, FULL = "sliding_attention", "full_attention"
@@ -155,41 +156,27 @@ class DecoderLayer(nn.Module):
         return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
 
 
-class Gemma3Model(nn.Module):
+class Gemma3Model(gemma.GemmaModel):
+    """Gemma 1's body (scaled embedding, layers, final norm) with Gemma 3's layers."""
+
     def __init__(self, args: ModelArgs):
-        super().__init__()
+        nn.Module.__init__(self)
         self.hidden_size = args.hidden_size
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
         self.layers = [DecoderLayer(args, kind) for kind in args.layer_kinds()]
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
-    def __call__(self, inputs: mx.array, cache: list[Any] | None = None) -> mx.array:
-        h = self.embed_tokens(inputs)
-        h = h * mx.array(self.hidden_size**0.5, dtype=mx.float32).astype(h.dtype)
-        for layer, layer_cache in zip(self.layers, cache or [None] * len(self.layers)):
-            h = layer(h, layer_cache)
-        return self.norm(h)
 
+class Model(gemma.Model):
+    """Gemma 1's tied-head wrapper around the Gemma 3 body, with optional final softcapping."""
 
-class Model(nn.Module):
     def __init__(self, args: ModelArgs):
-        super().__init__()
+        nn.Module.__init__(self)
         self.args = args
         self.model_type = args.model_type
         self.model = Gemma3Model(args)
 
     def __call__(self, inputs: mx.array, cache: list[Any] | None = None, last_only: bool = False) -> mx.array:
-        h = self.model(inputs, cache)
-        if last_only:
-            h = h[:, -1:, :]
-        logits = self.model.embed_tokens.as_linear(h)
+        logits = super().__call__(inputs, cache, last_only)
         cap = self.args.final_logit_softcapping
         return logits if not cap else mx.tanh(logits / cap) * cap
-
-    @property
-    def layers(self) -> list[DecoderLayer]:
-        return self.model.layers
-
-    def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
-        """Drop tensors the tied model does not hold (a stray lm_head, rotary buffers)."""
-        return {k: v for k, v in weights.items() if not k.startswith("lm_head.") and "rotary_emb" not in k}

@@ -71,12 +71,7 @@ class AsyncTextStream:
 
     async def __anext__(self) -> str:
         while self._pieces.finish_reason is None:
-            item = await self._items.get()
-            if isinstance(item, BaseException):
-                self._pieces.finish_reason = "error"
-                raise item
-            piece = self._pieces.feed(item)
-            if piece:
+            if piece := self._pieces.take(await self._items.get()):
                 return piece
         raise StopAsyncIteration
 
