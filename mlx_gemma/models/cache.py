@@ -66,11 +66,19 @@ class BatchKVCache:
     def __init__(self) -> None:
         self.keys: mx.array | None = None
         self.values: mx.array | None = None
-        self.lengths: list[int] = []
+        self._set_lengths([])
+
+    def _set_lengths(self, lengths: list[int]) -> None:
+        """Lengths change once per step; the arrays built from them are made once per change."""
+        self.lengths = lengths
+        self._offset: mx.array | None = None
+        self._masks: dict[int | None, mx.array] = {}
 
     @property
     def offset(self) -> mx.array:
-        return mx.array(self.lengths, dtype=mx.int32)
+        if self._offset is None:
+            self._offset = mx.array(self.lengths, dtype=mx.int32)
+        return self._offset
 
     def add(self, cache: KVCache) -> None:
         keys, values = cache.keys[..., : cache.offset, :], cache.values[..., : cache.offset, :]
@@ -79,17 +87,17 @@ class BatchKVCache:
         parts.append((keys, values))
         self.keys = mx.concatenate([_pad_to(k, capacity) for k, _ in parts], axis=0)
         self.values = mx.concatenate([_pad_to(v, capacity) for _, v in parts], axis=0)
-        self.lengths.append(cache.offset)
+        self._set_lengths([*self.lengths, cache.offset])
 
     def keep(self, rows: list[int]) -> None:
         """Keep only these rows, in this order."""
         if not rows:
             self.keys = self.values = None
-            self.lengths = []
+            self._set_lengths([])
             return
         index = mx.array(rows, dtype=mx.int32)
         self.keys, self.values = self.keys[index], self.values[index]
-        self.lengths = [self.lengths[i] for i in rows]
+        self._set_lengths([self.lengths[i] for i in rows])
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
         """Write each row's one new key and value at its own position; return the visible span."""
@@ -99,18 +107,20 @@ class BatchKVCache:
         where = self.offset[:, None, None, None]
         self.keys = mx.put_along_axis(self.keys, mx.broadcast_to(where, keys.shape), keys, axis=2)
         self.values = mx.put_along_axis(self.values, mx.broadcast_to(where, values.shape), values, axis=2)
-        self.lengths = [n + 1 for n in self.lengths]
+        self._set_lengths([n + 1 for n in self.lengths])
         end = max(self.lengths)
         return self.keys[..., :end, :], self.values[..., :end, :]
 
     def mask(self, window: int | None = None) -> mx.array:
         """(B, 1, 1, T) bool for one query per row: its own keys, the last `window` of them if set."""
-        lengths = self.offset[:, None]
-        positions = mx.arange(max(self.lengths))[None, :]
-        visible = positions < lengths
-        if window is not None:
-            visible = visible & (positions >= lengths - window)
-        return visible[:, None, None, :]
+        if window not in self._masks:
+            lengths = self.offset[:, None]
+            positions = mx.arange(max(self.lengths))[None, :]
+            visible = positions < lengths
+            if window is not None:
+                visible = visible & (positions >= lengths - window)
+            self._masks[window] = visible[:, None, None, :]
+        return self._masks[window]
 
     @property
     def state(self) -> list[mx.array]:

@@ -20,7 +20,6 @@ mask or slice it to their window. This file imports nothing but mlx.
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,17 +33,11 @@ SLIDING, FULL = "sliding_attention", "full_attention"
 
 
 @dataclass
-class ModelArgs:
-    model_type: str
-    hidden_size: int
-    num_hidden_layers: int
-    intermediate_size: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    head_dim: int
-    vocab_size: int
-    rms_norm_eps: float = 1e-6
+class ModelArgs(gemma.ModelArgs):
+    """Gemma 1's arguments, Gemma 3's defaults, and the Gemma 3 additions."""
+
     rope_theta: float = 1_000_000.0
+    max_position_embeddings: int = 32768
     rope_local_base_freq: float = 10_000.0
     rope_scaling: dict[str, Any] | None = None
     sliding_window: int = 512
@@ -52,14 +45,11 @@ class ModelArgs:
     layer_types: list[str] | None = None
     query_pre_attn_scalar: float = 256.0
     final_logit_softcapping: float | None = None
-    max_position_embeddings: int = 32768
 
     @classmethod
     def from_dict(cls, config: dict[str, Any]) -> "ModelArgs":
         """Build from a Hugging Face config.json (either rope layout), ignoring unused keys."""
-        config = {**config, **_rope_fields(config.get("rope_parameters"))}
-        names = inspect.signature(cls).parameters
-        return cls(**{k: v for k, v in config.items() if k in names})
+        return super().from_dict({**config, **_rope_fields(config.get("rope_parameters"))})
 
     def layer_kinds(self) -> list[str]:
         if self.layer_types:
