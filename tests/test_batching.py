@@ -16,7 +16,7 @@ from mlx_gemma.server.app import build_app
 from mlx_gemma.server.service import Settings
 
 from conftest import FIXTURES
-from test_server_live import serving
+from serving import serving
 
 ADAPTERS = {name: str(FIXTURES / "adapters" / name)
             for name in ("all7_r8", "second_all7_r8", "regex_subset", "layers_subset")}

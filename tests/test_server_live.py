@@ -6,11 +6,9 @@ the Python API's greedy text. The SIGKILL test runs `mlx-gemma serve` as a child
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -20,7 +18,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 
 import mlx_gemma
 from mlx_gemma.lora.store import FinetuneStore
@@ -28,6 +25,7 @@ from mlx_gemma.server.app import build_app
 from mlx_gemma.server.service import Settings
 
 from conftest import FIXTURES
+from serving import free_socket, serving
 
 cloudflare = pytest.importorskip("cloudflare")
 openai = pytest.importorskip("openai")
@@ -37,29 +35,6 @@ MODEL = "@cf/google/gemma-2b-it-lora"
 TOKEN = "local-token"
 ACCOUNT = "acc123"
 GREEDY = {"temperature": 0, "max_tokens": 12}
-
-
-def free_socket() -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    return sock
-
-
-@contextlib.contextmanager
-def serving(app) -> Iterator[str]:
-    """Run the app with uvicorn in a thread on a free loopback port; yield its base URL."""
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
-    sock = free_socket()
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
 
 
 @pytest.fixture(scope="module")
