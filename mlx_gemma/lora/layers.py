@@ -85,15 +85,23 @@ class LoRALinear(nn.Module):
         return self._stacked
 
     def __call__(self, x: mx.array) -> mx.array:
-        y = self.base(x)
+        delta = self._delta(x)
+        if delta is None:
+            return self.base(x)
+        if type(self.base) is nn.Linear and "bias" not in self.base:
+            return mx.addmm(delta, x, self.base.weight.T)  # the add rides on the base matmul
+        return self.base(x) + delta
+
+    def _delta(self, x: mx.array) -> mx.array | None:
+        """x @ a @ b of each row's adapter; None when no row of the batch has one here."""
         single = self._context.single
         if single >= 0:
             weights = self._adapters.get(single)
-            return y if weights is None else y + (x @ weights.a) @ weights.b
+            return None if weights is None else (x @ weights.a) @ weights.b
         a, b = self._stack()
         rows, batch = self._context.rows_within(a.shape[0]), self._context.batch
         h = mx.gather_mm(x, a, lhs_indices=batch, rhs_indices=rows)
-        return y + mx.gather_mm(h, b, lhs_indices=batch, rhs_indices=rows)
+        return mx.gather_mm(h, b, lhs_indices=batch, rhs_indices=rows)
 
 
 def context_of(model: nn.Module) -> LoRAContext:
