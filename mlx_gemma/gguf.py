@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-CONVERTER_VERSION = "2"
+CONVERTER_VERSION = "4"
 TOP_LEVEL = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 IN_BLOCK = {
     "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
@@ -122,7 +122,7 @@ def read_config(fields: dict[str, Any]) -> dict[str, Any]:
     }
     if arch == "gemma3":  # what llama.cpp assumes for Gemma 3 where the file says nothing
         config.update(rope_local_base_freq=10000.0, sliding_window=int(get("attention.sliding_window", 512)),
-                      sliding_window_pattern=6, query_pre_attn_scalar=float(head_dim),
+                      sliding_window_pattern=6, query_pre_attn_scalar=int(head_dim),
                       final_logit_softcapping=get("final_logit_softcapping"))
     return config
 
@@ -164,15 +164,22 @@ def write_tokenizer(reader: Any, out: Path) -> None:
             GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer)
     except ImportError as exc:
         raise GGUFError("reading a GGUF tokenizer needs transformers >= 5: pip install 'mlx-gemma[demo]'") from exc
+    from tokenizers.processors import TemplateProcessing
+
     fields = {name: reader.fields[name].contents() for name in reader.fields if name.startswith("tokenizer.")}
     renames = GGUF_TOKENIZER_MAPPING["tokenizer"]
     tokenizer_dict = {renames[key[len("tokenizer."):]]: value for key, value in fields.items()
                       if key[len("tokenizer."):] in renames}
     backend, _ = convert_gguf_tokenizer(reader.fields["general.architecture"].contents(), tokenizer_dict)
-    backend.save(str(out / "tokenizer.json"))
     tokens = tokenizer_dict["tokens"]
     special = {name: tokens[fields[f"tokenizer.ggml.{key}"]] for name, key in SPECIAL_TOKENS.items()
                if f"tokenizer.ggml.{key}" in fields}
-    config = {**special, "add_bos_token": bool(fields.get("tokenizer.ggml.add_bos_token", True)),
+    add_bos = bool(fields.get("tokenizer.ggml.add_bos_token", True))
+    if add_bos and "bos_token" in special:  # as Hugging Face's Gemma tokenizer does (mlx-lm relies on it)
+        bos = special["bos_token"]
+        backend.post_processor = TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A $B:1",
+                                                    special_tokens=[(bos, fields["tokenizer.ggml.bos_token_id"])])
+    backend.save(str(out / "tokenizer.json"))
+    config = {**special, "add_bos_token": add_bos,
               "add_eos_token": bool(fields.get("tokenizer.ggml.add_eos_token", False))}
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
