@@ -1,10 +1,12 @@
 """build_app(runtime, settings) -> the Starlette application of `mlx-gemma serve`.
 
 Contract: mounts the Workers AI routes (workers_ai.py), the OpenAI routes (openai.py),
-`GET /healthz` and `GET /metrics` (Prometheus text, metrics.py). With `settings.api_token`, every route but /healthz needs
-`Authorization: Bearer <token>` (else 401, code 10000). Every ApiError becomes the Workers AI
-error envelope with its status (OpenAI's error object under a /v1/ path); an unexpected
-exception becomes a 500 envelope and is logged, and the server keeps serving.
+`GET /healthz`, `GET /metrics` (Prometheus text, metrics.py) and the browser playground (pages.py:
+the page at `GET /`, its files at `GET /playground/<name>`). With `settings.api_token`, every route
+but /healthz and the playground's page and files needs `Authorization: Bearer <token>` (else 401,
+code 10000). Every ApiError becomes the Workers AI error envelope with its status (OpenAI's error
+object under a /v1/ path); an unexpected exception becomes a 500 envelope and is logged, and the
+server keeps serving.
 """
 
 from __future__ import annotations
@@ -22,14 +24,14 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..lora.store import FinetuneStore
 from ..runtime import Runtime
-from . import openai, workers_ai
+from . import openai, pages, workers_ai
 from .schema import ApiError, failure, unauthorized
 from .service import Service, Settings
 
 log = logging.getLogger("mlx_gemma.server")
 OPENAI_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
                       409: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error"}
-PUBLIC_PATHS = {"/healthz"}
+PUBLIC_PATHS = {"/healthz", *pages.PUBLIC_PATHS}  # the page holds no data; its API calls need the token
 
 
 def is_openai_path(path: str) -> bool:
@@ -99,7 +101,7 @@ async def metrics(request: Request) -> Response:
 
 def build_app(runtime: Runtime, settings: Settings, store: FinetuneStore | None = None) -> Starlette:
     routes = [Route("/healthz", healthz, methods=["GET"]), Route("/metrics", metrics, methods=["GET"]),
-              *workers_ai.routes(), *openai.routes()]
+              *workers_ai.routes(), *openai.routes(), *pages.routes()]
     handlers: dict[Any, Any] = {ApiError: api_error, HTTPException: http_error, Exception: server_error}
     app = Starlette(routes=routes, exception_handlers=handlers)
     app.state.service = Service(runtime, settings, store)
