@@ -272,6 +272,7 @@ class EngineThread:
         self.stats = EngineStats()
         self._rows: list[_Row] = []
         self._prefilling: _Prefill | None = None
+        self._inflight: mx.array | None = None  # the step being evaluated: a token per leading row
         self.prefixes = PrefixCache()
         self._cache: list[BatchKVCache] = [BatchKVCache() for _ in model.layers]
         self._pending: collections.deque[Request] = collections.deque()
@@ -410,25 +411,51 @@ class EngineThread:
         return True
 
     def _step(self) -> None:
+        """Hand step n+1 of every row to MLX, then emit step n's tokens while it runs (pipelined).
+
+        The next step is skipped when every row ends with the tokens in flight (its length limit)."""
         self._drop([i for i, row in enumerate(self._rows) if not row.request.cancelled.is_set()])
         if not self._rows:
             return
-        set_rows(self.model, [row.slot for row in self._rows])
-        tokens = mx.array([[row.token] for row in self._rows], dtype=mx.int32)
-        logits = self.model(tokens, cache=self._cache)[:, -1, :]
-        next_tokens = sample(logits, [row.sampler for row in self._rows])
-        mx.eval(next_tokens, [c.state for c in self._cache])
-        self.stats.steps += 1
-        self.stats.peak_batch = max(self.stats.peak_batch, len(self._rows))
-        keep = []
-        for i, (row, token) in enumerate(zip(self._rows, next_tokens.tolist())):
-            row.token = token
-            if self._emit(row):
-                keep.append(i)
+        in_flight = self._inflight
+        self._inflight = self._launch() if self._any_row_goes_on() else None
+        keep = self._emit_all([] if in_flight is None else in_flight.tolist())
         self._drop(keep)
 
+    def _any_row_goes_on(self) -> bool:
+        pending = self._pending_count()
+        return any(row.count + (i < pending) < row.limit for i, row in enumerate(self._rows))
+
+    def _pending_count(self) -> int:
+        """How many leading rows have a token in flight (not yet emitted)."""
+        return 0 if self._inflight is None else self._inflight.shape[0]
+
+    def _launch(self) -> mx.array:
+        """Build one decode step for all rows from their latest tokens and start evaluating it."""
+        pending = self._pending_count()
+        fresh = mx.array([row.token for row in self._rows[pending:]], dtype=mx.int32)
+        inputs = fresh if self._inflight is None else mx.concatenate([self._inflight, fresh])
+        set_rows(self.model, [row.slot for row in self._rows])
+        logits = self.model(inputs[:, None], cache=self._cache)[:, -1, :]
+        next_tokens = sample(logits, [row.sampler for row in self._rows])
+        mx.async_eval(next_tokens, [c.state for c in self._cache])
+        self.stats.steps += 1
+        self.stats.peak_batch = max(self.stats.peak_batch, len(self._rows))
+        return next_tokens
+
+    def _emit_all(self, tokens: list[int]) -> list[int]:
+        """Emit the tokens of the leading rows; return the indices of the rows that go on."""
+        keep = []
+        for i, row in enumerate(self._rows):
+            if i < len(tokens):
+                row.token = tokens[i]
+                if not self._emit(row):
+                    continue
+            keep.append(i)
+        return keep
+
     def _drop(self, keep: list[int]) -> None:
-        """Keep only these rows; release the others' slots if they still hold them."""
+        """Keep only these rows (and their caches and tokens in flight); release the others' slots."""
         if len(keep) == len(self._rows):
             return
         for i, row in enumerate(self._rows):
@@ -438,6 +465,9 @@ class EngineThread:
         self._rows = [self._rows[i] for i in keep]
         for batch_cache in self._cache:
             batch_cache.keep(keep)
+        if self._inflight is not None:
+            covered = [i for i in keep if i < self._inflight.shape[0]]
+            self._inflight = self._inflight[mx.array(covered, dtype=mx.int32)] if covered else None
 
 
 def _emit_quietly(request: Request, item: StepOutput | BaseException) -> bool:
