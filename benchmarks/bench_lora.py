@@ -23,7 +23,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import compare, print_rows, random_2b, timed, tiny_model_dir, write_random_peft_adapter  # noqa: E402
+from common import (compare, print_rows, random_2b, single_row, timed, tiny_model_dir,  # noqa: E402
+                    write_random_peft_adapter)
 
 import mlx.core as mx  # noqa: E402
 
@@ -60,14 +61,8 @@ def load_and_switch(registry: AdapterRegistry, adapter_dir: Path, runs: int) -> 
         switch_s.append(time.perf_counter() - start)
     for name in names:
         registry.remove(name)
-    return [_single("adapter load (read + validate + install)", load_s, "s", runs),
-            _single("adapter switch between resident adapters", switch_s, "s", len(switch_s))]
-
-
-def _single(name: str, values: list[float], unit: str, runs: int) -> dict:
-    median = statistics.median(values)
-    return {"name": name, "ours": median, "reference": None, "reference_name": None, "ratio": None,
-            "min": min(values), "max": max(values), "unit": unit, "runs": runs}
+    return [single_row("adapter load (read + validate + install)", load_s, "s"),
+            single_row("adapter switch between resident adapters", switch_s, "s")]
 
 
 def run(args: argparse.Namespace) -> list[dict]:
@@ -91,7 +86,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     layers.fuse(model, registry.read("r8", adapter_dir))
     fused = [decode_runner(model, ids, args.decode_tokens, 0)()["decode_tps"] for _ in range(args.runs)]
     base_median = rows[0]["reference"]
-    rows.append({**_single(f"{args.model} {args.dtype} fused r8 decode_tps", fused, "tokens/s", args.runs),
+    rows.append({**single_row(f"{args.model} {args.dtype} fused r8 decode_tps", fused, "tokens/s"),
                  "reference": base_median, "reference_name": "base", "ratio": statistics.median(fused) / base_median,
                  "ratio_min": min(fused) / base_median, "ratio_max": max(fused) / base_median})
     print(f"# base weight arrays unchanged by adding, switching and removing adapters: {same_base} "

@@ -10,7 +10,7 @@ from __future__ import annotations
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,8 +42,13 @@ def tiny_model_dir() -> str:
     return str(write_tiny_model(Path(tempfile.mkdtemp()) / "tiny"))
 
 
+UNITS = {"decode_tps": "tokens/s", "prefill_tps": "tokens/s", "ttft_s": "s", "peak_memory_gb": "GB"}
+
+
 def timed(tokens: Iterator[object], n_prompt: int) -> dict[str, float]:
-    """Consume a token iterator; return prefill and decode tokens/s and time to first token."""
+    """Consume a token iterator; return prefill and decode tokens/s, time to first token and
+    MLX's peak memory over the run."""
+    mx.reset_peak_memory()
     start = time.perf_counter()
     first = None
     count = 0
@@ -52,28 +57,47 @@ def timed(tokens: Iterator[object], n_prompt: int) -> dict[str, float]:
         first = first or time.perf_counter()
     end = time.perf_counter()
     return {"prefill_tps": n_prompt / (first - start), "decode_tps": (count - 1) / max(end - first, 1e-9),
-            "ttft_s": first - start, "tokens": count}
+            "ttft_s": first - start, "tokens": count, "peak_memory_gb": mx.get_peak_memory() / 1e9}
 
 
-def compare(name: str, runners: dict[str, Callable[[], dict]], reference: str, runs: int,
-            metrics: tuple[str, ...] = ("decode_tps", "prefill_tps"), unit: str = "tokens/s") -> list[dict]:
-    """Warm each runner up, then alternate them `runs` times; one row per (variant, metric)."""
+def sample_runners(runners: dict[str, Callable[[], dict]], runs: int) -> dict[str, list[dict]]:
+    """Warm each runner up, then alternate them `runs` times."""
     samples: dict[str, list[dict]] = {k: [] for k in runners}
     for run in runners.values():
         run()
     for _ in range(runs):
         for key, run in runners.items():
             samples[key].append(run())
+    return samples
+
+
+def ratio_row(name: str, ours: list[float], theirs: list[float], reference_name: str, unit: str) -> dict:
+    """One measurement: medians, ours' min-max, and the median of the pairwise ratios."""
+    ratios = [a / b for a, b in zip(ours, theirs)]
+    return {"name": name, "ours": statistics.median(ours), "min": min(ours), "max": max(ours),
+            "reference": statistics.median(theirs), "reference_name": reference_name,
+            "ratio": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
+            "unit": unit, "runs": len(ratios)}
+
+
+def single_row(name: str, values: list[float], unit: str) -> dict:
+    """A measurement with no reference: median with min and max."""
+    return {"name": name, "ours": statistics.median(values), "min": min(values), "max": max(values),
+            "reference": None, "reference_name": None, "ratio": None, "unit": unit, "runs": len(values)}
+
+
+def compare(name: str, runners: dict[str, Callable[[], dict]], reference: str | Sequence[str], runs: int,
+            metrics: tuple[str, ...] = ("decode_tps", "prefill_tps")) -> list[dict]:
+    """Alternate the runners; one row per (runner, reference, metric) that both runners report."""
+    references = [reference] if isinstance(reference, str) else list(reference)
+    samples = sample_runners(runners, runs)
     rows = []
-    for key in (k for k in runners if k != reference):
-        for metric in metrics:
-            ours = [s[metric] for s in samples[key]]
-            theirs = [s[metric] for s in samples[reference]]
-            ratios = [a / b for a, b in zip(ours, theirs)]
-            rows.append({"name": f"{name} {key} {metric}", "ours": statistics.median(ours),
-                         "reference": statistics.median(theirs), "reference_name": reference,
-                         "ratio": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
-                         "unit": unit, "runs": runs})
+    for key in (k for k in runners if k not in references):
+        for ref in references:
+            for metric in metrics:
+                if metric in samples[key][0] and metric in samples[ref][0]:
+                    ours, theirs = [s[metric] for s in samples[key]], [s[metric] for s in samples[ref]]
+                    rows.append(ratio_row(f"{name} {key} {metric}", ours, theirs, ref, UNITS.get(metric, "")))
     return rows
 
 

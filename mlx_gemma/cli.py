@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -103,6 +104,19 @@ def add_finetune_parser(commands: Any) -> None:
         action.set_defaults(func=cmd_finetune)
 
 
+BENCH_SUITE = Path(__file__).resolve().parents[1] / "benchmarks" / "suite.py"
+
+
+def add_bench_parser(commands: Any) -> None:
+    bench = commands.add_parser("bench", help="measure against mlx-lm (and llama.cpp): a table, JSON and a PNG")
+    bench.add_argument("--model", help="only this model: tiny, 2b-shape, demo, a directory or a .gguf file "
+                                       "(default: all three presets)")
+    bench.add_argument("--quick", action="store_true", help="fewer models, runs and tokens (under 5 minutes)")
+    bench.add_argument("--json", default="mlx-gemma-bench.json", help="where to write the measurements")
+    bench.add_argument("--plot", default="mlx-gemma-bench.png", help="where to write the PNG")
+    bench.set_defaults(func=cmd_bench)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mlx-gemma", description="Gemma on MLX with per-request LoRA")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -123,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     fuse.add_argument("--out", required=True, help="directory for the fused checkpoint")
     fuse.set_defaults(func=cmd_fuse)
     add_finetune_parser(commands)
+    add_bench_parser(commands)
     return parser
 
 
@@ -256,6 +271,17 @@ def cmd_fuse(args: argparse.Namespace) -> None:
     print(f"wrote {out}: adapter {name} ({fused['format']}, rank {fused['rank']}, {fused['modules']} layers) "
           f"fused into {args.model}; weights are dense {runtime.loaded.dtype}"
           + (" (quantized layers were dequantized)" if runtime.loaded.quantization else ""))
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    if not BENCH_SUITE.exists():
+        raise RuntimeError(f"{BENCH_SUITE} is missing: `mlx-gemma bench` runs the benchmarks/ scripts of a source "
+                           "checkout; install it with pip install -e '.[bench]' from the checkout")
+    argv = ["--json", args.json, "--plot", args.plot] + (["--quick"] if args.quick else [])
+    argv += ["--model", args.model] if args.model else []
+    done = subprocess.run([sys.executable, str(BENCH_SUITE), *argv])
+    if done.returncode != 0:
+        raise RuntimeError(f"the benchmark suite exited with {done.returncode}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
