@@ -34,9 +34,12 @@ class LoRAContext:
         self.rows: mx.array | None = None  # per-row slots when they differ
         self.batch: mx.array | None = None  # 0..B-1, the row each output comes from
         self._within: dict[int, mx.array] = {}
+        self._slots: tuple[int, ...] = ()
 
     def set(self, slots: Sequence[int]) -> None:
-        self._within = {}
+        if tuple(slots) == self._slots:
+            return  # the same rows as the last step: keep the index arrays already built
+        self._slots, self._within = tuple(slots), {}
         if len(set(slots)) <= 1:
             self.single, self.rows, self.batch = (slots[0] if slots else 0), None, None
         else:
