@@ -1,4 +1,4 @@
-"""The sections of the benchmark suite, each run in its own process by suite.py.
+"""The sections of the benchmark suite, each run in its own process by bench_suite.py.
 
 `run_section(section, model, dtype, (runs, prompt_tokens, decode_tokens), streams)` returns a
 list of measurement rows (see common.py). Models: `tiny` (scripts/make_tiny_model.py),

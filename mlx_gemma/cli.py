@@ -104,7 +104,7 @@ def add_finetune_parser(commands: Any) -> None:
         action.set_defaults(func=cmd_finetune)
 
 
-BENCH_SUITE = Path(__file__).resolve().parents[1] / "benchmarks" / "suite.py"
+BENCH_SUITE = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_suite.py"
 
 
 def add_bench_parser(commands: Any) -> None:

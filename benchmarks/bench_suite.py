@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The whole benchmark suite behind `mlx-gemma bench`: one run, one machine, JSON and a plot.
 
-    python benchmarks/suite.py [--model tiny|2b-shape|demo|PATH] [--quick] [--json PATH] [--plot PATH]
+    python benchmarks/bench_suite.py [--model tiny|2b-shape|demo|PATH] [--quick] [--json PATH] [--plot PATH]
 
 Each (section, model, dtype) of the plan runs in its own process (so peak memory and
 OpenBLAS state are per measurement) and prints its rows as JSON:
@@ -58,7 +58,7 @@ def sizes(model: str, quick: bool) -> tuple[int, int, int]:
 
 def run_worker(section: str, model: str, dtype: str, quick: bool) -> list[dict]:
     """Run one section in a child process; its last stdout line is the rows as JSON."""
-    command = [sys.executable, str(HERE / "suite.py"), "--worker", section, model, dtype] + (["--quick"] if quick else [])
+    command = [sys.executable, str(HERE / "bench_suite.py"), "--worker", section, model, dtype] + (["--quick"] if quick else [])
     print(f"# {section} {model} {dtype} ...", file=sys.stderr, flush=True)
     started = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True)
