@@ -80,7 +80,7 @@ def _check_message(index: int, message: Any) -> tuple[str, str]:
     if not isinstance(message, Mapping):
         raise ValueError(f"messages[{index}] must be an object with role and content")
     role, content = message.get("role"), message.get("content")
-    if role not in ROLE_NAMES:
+    if not isinstance(role, str) or role not in ROLE_NAMES:
         raise ValueError(f"messages[{index}].role={role!r} is not supported: use user, assistant (or model) or system")
     if not isinstance(content, str):
         raise ValueError(f"messages[{index}].content must be a string, got {type(content).__name__}")

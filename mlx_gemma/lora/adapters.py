@@ -19,9 +19,10 @@ types, pickled `.bin` weights, unknown modules, mismatched shapes, rank over the
 of another family than the base.
 
 `check_adapter_files(path, base)` validates whatever PEFT files a directory holds so far (an
-upload may bring one file at a time): with both files and a base it is `read_adapter`;
-otherwise the config is checked alone and the safetensors header is parsed without loading a
-tensor (dtypes F16/BF16/F32, 2-D LoRA A/B weights, offsets tiling the data exactly).
+upload may bring one file at a time): each present file is checked alone first, the config
+against the base's family and the safetensors header parsed without loading a tensor (dtypes
+F16/BF16/F32, 2-D LoRA A/B weights whose declared shapes match their bytes, offsets tiling the
+data exactly); then, with both files and a base, `read_adapter` loads and checks the weights.
 """
 
 from __future__ import annotations
@@ -117,15 +118,12 @@ def check_adapter_files(path: str | Path, base: BaseInfo | None = None,
                         limits: AdapterLimits = AdapterLimits()) -> None:
     """Validate whatever PEFT files a directory holds (one or both); raise AdapterError listing the problems.
 
-    Both files and a base given: exactly `read_adapter(path, base)`. Otherwise each present file is
-    checked alone: the config against the base's family (none without a base), the weights by
-    their safetensors header only, without loading a tensor.
+    Each present file is checked alone: the config against the base's family (none without a
+    base), the weights by their safetensors header only, without loading a tensor, so a hostile
+    header never reaches the loader. Then, with both files and a base, `read_adapter(path, base)`.
     """
     path = Path(path).expanduser()
     config_file, weights_file = path / CONFIG, path / PEFT_WEIGHTS
-    if base is not None and config_file.is_file() and weights_file.is_file():
-        read_adapter(path, base, limits=limits)
-        return
     if not config_file.is_file() and not weights_file.is_file():
         where = "in the adapter directory" if path.is_dir() else f"at {str(path)!r}: no such directory"
         raise AdapterError(path, [f"neither {CONFIG} nor {PEFT_WEIGHTS} {where}"])
@@ -136,6 +134,8 @@ def check_adapter_files(path: str | Path, base: BaseInfo | None = None,
         _check_safetensors_header(weights_file, problems)
     if problems:
         raise AdapterError(path, problems)
+    if base is not None and config_file.is_file() and weights_file.is_file():
+        read_adapter(path, base, limits=limits)
 
 
 def _within_limit(file: Path, limits: AdapterLimits, problems: list[str]) -> bool:

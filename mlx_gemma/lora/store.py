@@ -20,12 +20,17 @@ PEFT files (`ASSET_NAMES`) in `<data_dir>/finetunes/<id>/`; uploads stream into 
 - Opening a store recovers from a killed process: it empties `tmp/`, deletes directories that have
   no row and files that are not assets. It never deletes a row. `check()` lists what is
   inconsistent (empty when all is well); an upload in progress shows there as a `tmp/` entry.
+- Symbolic links are never followed: a linked asset or fine-tune directory counts as absent (an
+  upload to a linked directory is refused) and opening the store removes the link, never its
+  target; a linked `tmp/` is replaced by a real directory; a linked `finetunes/` is refused.
 Every refusal is a `FinetuneError` (a ValueError) whose message names the bad value and the fix.
+`is_disk_full(exc)` tells a full disk (or quota) apart from other errors; the store is unchanged then.
 One process owns a data directory (opening it clears `tmp/`); threads within it may share the store.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
@@ -217,6 +222,11 @@ class FinetuneStore:
         limits = AdapterLimits(max_file_bytes=max_file_bytes)
         self._validate = validate or (lambda staging: check_adapter_files(staging, None, limits))
         self._lock = threading.Lock()
+        if self.finetunes_dir.is_symlink():
+            raise FinetuneError(f"{self.finetunes_dir} is a symbolic link: the store deletes what it does not "
+                                "know in that directory, so it must be a real one (link the data directory instead)")
+        if self.tmp_dir.is_symlink():
+            self.tmp_dir.unlink()  # scratch space: emptied on open, never through a link
         for directory in (self.data_dir, self.finetunes_dir, self.tmp_dir):
             directory.mkdir(parents=True, exist_ok=True)
         with self._db() as conn:
@@ -240,7 +250,7 @@ class FinetuneStore:
                 _remove(entry)
             ids = self._ids()
             for entry in self.finetunes_dir.iterdir():
-                if entry.name not in ids or not entry.is_dir():
+                if not _is_finetune_dir(entry, ids):
                     _remove(entry)
                     continue
                 for stray in entry.iterdir():
@@ -292,7 +302,7 @@ class FinetuneStore:
     def _finetune(self, row: tuple) -> Finetune:
         values = dict(zip(_COLUMNS, row))
         path = self.finetunes_dir / values["id"]
-        files = tuple(name for name in ASSET_NAMES if (path / name).is_file())
+        files = () if path.is_symlink() else tuple(name for name in ASSET_NAMES if _is_asset(path / name))
         return Finetune(**{**values, "public": bool(values["public"])}, path=path, files=files)
 
     def add_asset(self, id_or_name: str, file_name: str, source: BinaryIO | bytes) -> Finetune:
@@ -344,6 +354,10 @@ class FinetuneStore:
 
     def _install(self, finetune: Finetune, file_name: str, upload: Path) -> None:
         """Swap the upload in and bump modified_at together: if either fails, the old file comes back."""
+        if finetune.path.is_symlink():
+            raise AssetError(f"fine-tune {finetune.name!r} refused {file_name}: its directory "
+                             f"finetunes/{finetune.id} is a symbolic link, which the store does not follow; "
+                             "remove the link (restarting the server does) and upload again")
         target = finetune.path / file_name
         backup = self.tmp_dir / f"{uuid.uuid4()}.previous"
         had_previous = target.is_file()
@@ -371,7 +385,7 @@ class FinetuneStore:
             finetune = self.get(id_or_name)
             with self._db() as conn:
                 conn.execute("DELETE FROM finetunes WHERE id = ?", (finetune.id,))
-            shutil.rmtree(finetune.path, ignore_errors=True)  # after the row: a crash leaves an orphan dir
+            _remove(finetune.path, ignore_errors=True)  # after the row: a crash leaves an orphan dir
         return finetune
 
     def check(self) -> list[str]:
@@ -384,8 +398,9 @@ class FinetuneStore:
             problems += [f"fine-tune {i} has no directory {self.finetunes_dir / i}"
                          for i in sorted(ids) if not (self.finetunes_dir / i).is_dir()]
             for entry in sorted(self.finetunes_dir.iterdir()):
-                if entry.name not in ids or not entry.is_dir():
-                    problems.append(f"{entry} belongs to no fine-tune")
+                if not _is_finetune_dir(entry, ids):
+                    kind = "is a symbolic link" if entry.is_symlink() else "belongs to no fine-tune"
+                    problems.append(f"{entry} {kind}")
                     continue
                 problems += [f"{stray} is not an asset ({', '.join(ASSET_NAMES)})"
                              for stray in sorted(entry.iterdir()) if not _is_asset(stray)]
@@ -447,8 +462,20 @@ def _is_asset(entry: Path) -> bool:
     return entry.name in ASSET_NAMES and entry.is_file() and not entry.is_symlink()
 
 
-def _remove(entry: Path) -> None:
+def _is_finetune_dir(entry: Path, ids: set[str]) -> bool:
+    return entry.name in ids and entry.is_dir() and not entry.is_symlink()
+
+
+def _remove(entry: Path, ignore_errors: bool = False) -> None:
+    """Delete a file or a directory tree; a symbolic link is unlinked, its target left alone."""
     if entry.is_dir() and not entry.is_symlink():
-        shutil.rmtree(entry)
+        shutil.rmtree(entry, ignore_errors=ignore_errors)
     else:
         entry.unlink(missing_ok=True)
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether an error raised by the store means its disk, or the user's quota, is full."""
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    return isinstance(exc, sqlite3.OperationalError) and getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import re
 from typing import Any
 
 from starlette.applications import Starlette
@@ -29,13 +30,15 @@ from .schema import ApiError, failure, unauthorized
 from .service import Service, Settings
 
 log = logging.getLogger("mlx_gemma.server")
+OPENAI_UNDER_ACCOUNT = re.compile(r"/client/v4/accounts/[^/]+/ai/v1/")
 OPENAI_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
                       409: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error"}
 PUBLIC_PATHS = {"/healthz", *pages.PUBLIC_PATHS}  # the page holds no data; its API calls need the token
 
 
 def is_openai_path(path: str) -> bool:
-    return path.startswith("/v1/") or "/ai/v1/" in path
+    """/v1/... or /client/v4/accounts/{id}/ai/v1/..., not a Workers AI path that merely contains /ai/v1/."""
+    return path.startswith("/v1/") or OPENAI_UNDER_ACCOUNT.match(path) is not None
 
 
 def error_response(path: str, status: int, code: int, message: str) -> JSONResponse:

@@ -71,6 +71,13 @@ def stop_strings(body: dict[str, Any]) -> list[str]:
     return stops
 
 
+def stream_options(body: dict[str, Any]) -> dict[str, Any]:
+    options = body.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        raise bad_input(f"stream_options={options!r:.80}: give an object such as {{\"include_usage\": true}}, or null")
+    return options or {}
+
+
 class StopWatcher:
     """Holds back just enough text to cut it before the first stop string."""
 
@@ -123,11 +130,11 @@ async def generate(request: Request, chat: bool) -> Response:
     text_args = _text_args(body, chat)
     ids, params = service.prepare(lora, **text_args, **sampling(body))
     stops = stop_strings(body)
+    include_usage = bool(stream_options(body).get("include_usage"))
     stream = service.open_stream(ids, params, lora)
     pieces = stopped_text(stream, await started(stream), stops)
     meta = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()), "model": model}
     if body.get("stream"):
-        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         events = (chat_events if chat else completion_events)(stream, pieces, meta, include_usage)
         return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
     try:

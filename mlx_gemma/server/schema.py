@@ -4,11 +4,13 @@ Contract:
 - `ApiError(status, code, message)` is what every route raises for a bad request; handlers in
   app.py turn it into the Workers AI error envelope (or OpenAI's error object on /v1 routes).
   The named constructors below give each Workers AI code its status.
-- `parse_json(raw)` -> dict, or ApiError 5006 naming the problem.
+- `parse_json(raw)` -> dict, or ApiError 5006 naming the problem (not JSON, not an object,
+  nested too deep to parse, or holding a lone UTF-16 surrogate, which no text can encode).
 - `validate_run_body(body)` checks an `ai/run` body against the published input schema
   (spec/gemma-2b-it-lora.input.schema.json): exactly one of `prompt` / `messages`, each field
   within the schema's limits; `"true"`/`"false"` strings are accepted for `raw` and `stream`;
-  `lora` is accepted with either variant. It returns the body with those strings coerced.
+  `lora` is accepted with either variant. It returns the body with those strings coerced, and
+  integral numbers of integer fields (`8.0`, an integer in JSON Schema) made ints.
 - `success(result)` and `failure(code, message)` build the envelopes.
 """
 
@@ -23,6 +25,7 @@ import jsonschema
 
 SPEC_DIR = Path(__file__).resolve().parent / "spec"
 BOOLEAN_FIELDS = ("raw", "stream")
+INTEGER_FIELDS = ("max_tokens", "top_k", "seed")
 UNSUPPORTED_FIELDS = {"functions": "function calling is not supported by this model: describe the tools in the prompt"}
 
 
@@ -60,6 +63,11 @@ def out_of_capacity(reason: str) -> ApiError:
     return ApiError(429, 3040, f"AiError: Out of capacity: {reason}")
 
 
+def storage_full(error: Exception) -> ApiError:
+    return ApiError(507, 3043, f"AiError: Insufficient storage: the fine-tune store's disk is full ({error}): "
+                               "nothing was changed; free disk space or delete fine-tunes, then retry")
+
+
 def unauthorized(reason: str) -> ApiError:
     return ApiError(401, 10000, f"Authentication error: {reason}")
 
@@ -78,9 +86,31 @@ def parse_json(raw: bytes) -> dict[str, Any]:
     except (ValueError, UnicodeDecodeError) as exc:
         raise bad_input(f"the body is not valid JSON ({exc}): send a JSON object such as "
                         '{"prompt": "Hello"}') from None
+    except RecursionError:
+        raise bad_input("the body nests arrays or objects too deeply to parse: send a flatter JSON object") from None
     if not isinstance(body, dict):
         raise bad_input(f"the body must be a JSON object, got {type(body).__name__}")
+    if (text := _lone_surrogate_text(body)) is not None:
+        raise bad_input(f"the string {text[:40]!r} holds a lone UTF-16 surrogate escape (\\ud800-\\udfff): "
+                        "send text as valid Unicode (a surrogate pair, or the character itself)")
     return body
+
+
+def _lone_surrogate_text(body: Any) -> str | None:
+    """The first string (key or value) that holds an unpaired surrogate, or None."""
+    pending = [body]
+    while pending:
+        value = pending.pop()
+        if isinstance(value, dict):
+            pending += [*value.keys(), *value.values()]
+        elif isinstance(value, list):
+            pending += value
+        elif isinstance(value, str) and not value.isascii():
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                return value
+    return None
 
 
 @cache
@@ -96,7 +126,7 @@ def _variant_validators() -> dict[str, jsonschema.protocols.Validator]:
 
 
 def validate_run_body(body: dict[str, Any]) -> dict[str, Any]:
-    body = _coerce_booleans(body)
+    body = _coerce(body)
     variant = _variant(body)
     problems = [_describe(error) for error in _variant_validators()[variant].iter_errors(body)]
     problems += [f"{name}: {why}" for name, why in UNSUPPORTED_FIELDS.items() if body.get(name)]
@@ -107,9 +137,11 @@ def validate_run_body(body: dict[str, Any]) -> dict[str, Any]:
     return body
 
 
-def _coerce_booleans(body: dict[str, Any]) -> dict[str, Any]:
+def _coerce(body: dict[str, Any]) -> dict[str, Any]:
     strings = {"true": True, "false": False}
-    return {key: strings.get(value, value) if key in BOOLEAN_FIELDS and isinstance(value, str) else value
+    body = {key: strings.get(value, value) if key in BOOLEAN_FIELDS and isinstance(value, str) else value
+            for key, value in body.items()}
+    return {key: int(value) if key in INTEGER_FIELDS and isinstance(value, float) and value.is_integer() else value
             for key, value in body.items()}
 
 

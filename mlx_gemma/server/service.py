@@ -136,8 +136,13 @@ class Service:
         return key
 
     def _make_resident(self, key: str, finetune: Finetune) -> None:
-        """On the engine thread: load the fine-tune's files; forget its older versions."""
+        """On the engine thread: load the fine-tune's files; forget its older versions.
+
+        A concurrent request may have made this very version resident meanwhile: it is kept, not
+        reloaded, since a request that resolved it may be about to use it."""
         registry = self.runtime.registry
+        if key in registry.names():
+            return
         stale = [name for name in registry.names() if name.startswith(f"{FINETUNE_KEY}{finetune.id}:")]
         for name in stale:
             try:

@@ -5,7 +5,9 @@ Contract (DESIGN.md section 6): `POST run/{model}` answers with the success enve
 `data: {"response":"..."}` per piece, then `data: {"response":"","usage":{...}}`, then
 `data: [DONE]`. Fine-tunes: `POST finetunes`, `GET finetunes`, `GET finetunes/public`,
 `GET`/`DELETE finetunes/{id or name}`, `POST finetunes/{id or name}/finetune-assets`
-(multipart `file_name` + `file`). Every failure is an ApiError, rendered by app.py.
+(multipart `file_name` + `file`, refused with 413 as soon as it passes the upload limit). Every
+failure is an ApiError, rendered by app.py; a fine-tune store whose disk (or quota) is full
+answers 507 (code 3043) and is left unchanged.
 """
 
 from __future__ import annotations
@@ -16,18 +18,20 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 
-from ..lora.store import AssetError, AssetTooLarge, FinetuneError, FinetuneExists
-from .schema import ApiError, bad_input, parse_json, success, too_large, validate_run_body
+from ..lora.store import AssetError, AssetTooLarge, FinetuneError, FinetuneExists, is_disk_full
+from .schema import ApiError, bad_input, parse_json, storage_full, success, too_large, validate_run_body
 from .service import AsyncTextStream, Service
 
 PREFIX = "/client/v4/accounts/{account_id}/ai"
 RUN_FIELDS = ("prompt", "messages", "raw", "max_tokens", "temperature", "top_p", "top_k", "seed",
               "repetition_penalty", "frequency_penalty", "presence_penalty")
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+FORM_OVERHEAD_BYTES = 64 * 1024  # an upload's multipart framing and file_name field, beyond the file
 
 
 def service_of(request: Request) -> Service:
@@ -122,6 +126,10 @@ async def _in_store(fn: Any, *args: Any) -> Any:
         raise ApiError(413, 3006, f"AiError: Request too large: {exc}") from None
     except (AssetError, FinetuneError) as exc:
         raise bad_input(str(exc)) from None
+    except Exception as exc:
+        if is_disk_full(exc):
+            raise storage_full(exc) from None
+        raise
 
 
 async def list_finetunes(request: Request) -> Response:
@@ -160,17 +168,34 @@ async def upload_asset(request: Request) -> Response:
 
 
 async def _read_asset_form(request: Request, limit: int) -> tuple[str, UploadFile]:
+    """The form's file_name and file; the body is refused as soon as it passes the limit, even unannounced."""
+    limit += FORM_OVERHEAD_BYTES
     declared = int(request.headers.get("content-length") or 0)
-    if declared > limit + 64 * 1024:
+    if declared > limit:
         raise too_large(declared, limit)
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
         raise bad_input("upload the asset as multipart/form-data with fields file_name and file")
-    form = await request.form(max_files=1, max_fields=4)
+    parser = MultiPartParser(request.headers, _limited(request.stream(), limit), max_files=1, max_fields=4)
+    try:
+        form = await parser.parse()
+    except MultiPartException as exc:
+        raise bad_input(f"the multipart form cannot be read ({exc.message}): send the fields file_name and "
+                        "file, as curl -F does") from None
     file_name, upload = form.get("file_name"), form.get("file")
     if not isinstance(file_name, str) or not isinstance(upload, UploadFile):
+        await form.close()
         raise bad_input("the form needs a file_name field (adapter_config.json or adapter_model.safetensors) "
                         "and a file field holding the file")
     return file_name, upload
+
+
+async def _limited(chunks: AsyncIterator[bytes], limit: int) -> AsyncIterator[bytes]:
+    size = 0
+    async for chunk in chunks:
+        size += len(chunk)
+        if size > limit:
+            raise too_large(size, limit)
+        yield chunk
 
 
 def routes() -> list[BaseRoute]:
