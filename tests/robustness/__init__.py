@@ -1,0 +1,1 @@
+"""Robustness suite: fuzzed requests, store faults, hostile adapter files, load and auth."""
