@@ -1,7 +1,8 @@
 """`mlx-gemma serve` as a child process on loopback, its resident memory, and a store audit.
 
 `ServerProcess.start(model_dir, data_dir, *flags)` runs the real command line and waits for
-/healthz; `kill()` sends SIGKILL, `stop()` SIGTERM. `audit_store(data_dir)` checks a data
+/healthz; `kill()` sends SIGKILL, `stop()` SIGTERM; used in a `with` block, a server still
+running at its end is killed, so a failing test leaves no process behind. `audit_store(data_dir)` checks a data
 directory without opening a `FinetuneStore` (opening one would repair what it finds): the
 SQLite integrity check, one directory per row holding only asset files, an empty tmp/.
 """
@@ -52,6 +53,13 @@ class ServerProcess:
         server = cls(process, f"http://127.0.0.1:{port}", data_dir)
         server.wait_ready()
         return server
+
+    def __enter__(self) -> "ServerProcess":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self.process.poll() is None:
+            self.kill()
 
     def wait_ready(self) -> None:
         deadline = time.monotonic() + START_TIMEOUT_S

@@ -139,14 +139,12 @@ def add_finetunes(server: ServerProcess) -> list[str]:
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads resident memory from /proc")
 def test_64_streaming_clients_then_the_server_is_as_before(tiny_dir: Path, tmp_path: Path) -> None:
-    server = ServerProcess.start(tiny_dir, tmp_path / "data", "--max-queue", "256")
-    try:
+    with ServerProcess.start(tiny_dir, tmp_path / "data", "--max-queue", "256") as server:
         loras = [None, *add_finetunes(server)]
         baseline, warm_up_tallies = warm_up(server, loras)
         tally = asyncio.run(load(server.url, loras, LOAD_S))
         final = settled_rss(server)
         reply = httpx.post(server.run_url, json=GREEDY, timeout=30).json()
-    finally:
         server.stop()
     count("clients", CLIENTS)
     note("server resident memory", f"{baseline / 2**20:.1f} MiB after the warm-up, {final / 2**20:.1f} MiB after "

@@ -182,20 +182,17 @@ def kill_during_burst(server: ServerProcess, delay_s: float) -> None:
 def test_sigkill_then_restart_leaves_a_consistent_store(tiny_dir: Path, tmp_path: Path, runtime: mlx_gemma.Runtime,
                                                         expected_text: Expected, fault: str) -> None:
     data_dir = tmp_path / "data"
-    server = ServerProcess.start(tiny_dir, data_dir)
-    with httpx.Client(timeout=30) as http:
+    with ServerProcess.start(tiny_dir, data_dir) as server, httpx.Client(timeout=30) as http:
         add_complete(http, server.api, "kept", "all7")
         assert served_text(http, server.run_url, "kept") == expected_text[("all7", "all7")]
-    if fault == "slow upload":
-        kill_during_slow_upload(server)
-    else:
-        kill_during_burst(server, float(fault.split()[1]))
+        if fault == "slow upload":
+            kill_during_slow_upload(server)
+        else:
+            kill_during_burst(server, float(fault.split()[1]))
     count("faults")
-    server = ServerProcess.start(tiny_dir, data_dir)
-    try:
+    with ServerProcess.start(tiny_dir, data_dir) as server:
         held = check_restarted(server, runtime.registry.base_info(), expected_text)
         assert held["kept"] == ("all7", "all7") and (fault == "slow upload") == (len(held) == 1)
-    finally:
         final_check(server)
 
 
@@ -237,20 +234,17 @@ def race_uploads(http: httpx.Client, server: ServerProcess, name: str, base: Bas
 def test_same_name_races_then_restart(tiny_dir: Path, tmp_path: Path, runtime: mlx_gemma.Runtime,
                                       expected_text: Expected) -> None:
     data_dir = tmp_path / "data"
-    server = ServerProcess.start(tiny_dir, data_dir)
-    with httpx.Client(timeout=60) as http:
+    with ServerProcess.start(tiny_dir, data_dir) as server, httpx.Client(timeout=60) as http:
         for round_index in range(6):
             name = f"race-{round_index}"
             race_creates(http, server.api, name)
             assert upload(http, server.api, name, ASSETS[0], asset("all7", ASSETS[0])).status_code == 200
             race_uploads(http, server, name, runtime.registry.base_info(), expected_text)
             count("faults", 2)
-    server.stop()
-    server = ServerProcess.start(tiny_dir, data_dir)
-    try:
+        server.stop()
+    with ServerProcess.start(tiny_dir, data_dir) as server:
         assert set(check_restarted(server, runtime.registry.base_info(), expected_text)) == {
             f"race-{i}" for i in range(6)}
-    finally:
         final_check(server)
 
 
