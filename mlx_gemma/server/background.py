@@ -22,6 +22,7 @@ def free_socket() -> socket.socket:
     """A loopback TCP socket bound to a free port (not yet listening)."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # accepted sockets inherit it: no delayed-ACK stalls
     sock.bind(("127.0.0.1", 0))
     return sock
 
