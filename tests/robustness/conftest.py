@@ -1,6 +1,6 @@
 """Fixtures of the robustness suite, and the counts it prints at the end of the run.
 
-`fuzz_target` is one live loopback server (uvicorn in a thread, support.live_server) over the tiny checkpoint with
+`fuzz_target` is one live loopback server (uvicorn in a thread, mlx_gemma.server.background.serving) over the tiny checkpoint with
 two complete fine-tunes in its store; the fuzzing modules share it.
 """
 

@@ -7,19 +7,14 @@ shapes: the Workers AI envelope, or OpenAI's error object under /v1/.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import socket
-import threading
-import time
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import jsonschema
-import uvicorn
 from hypothesis import HealthCheck, settings
 
+from mlx_gemma.server.background import serving as live_server  # noqa: F401  (TCP_NODELAY, a free port)
 from mlx_gemma.server.schema import SPEC_DIR
 
 from .tally import count
@@ -33,25 +28,6 @@ REQUEST_TIMEOUT_S = 20.0
 OPENAI_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
                       413: "invalid_request_error"}
 OUTPUT_SCHEMA = json.loads((SPEC_DIR / "gemma-2b-it-lora.output.schema.json").read_text())
-
-
-@contextlib.contextmanager
-def live_server(app: Any) -> Iterator[str]:
-    """Like tests/serving.py's `serving(app)`, on a listening socket with TCP_NODELAY (inherited by
-    each connection): a request then takes about 1 ms on loopback instead of about 40 ms of delayed ACKs."""
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.bind(("127.0.0.1", 0))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
 
 
 def fuzz_settings(max_examples: int) -> settings:
