@@ -61,6 +61,7 @@ class LoRALinear(nn.Module):
         self._context = context
         self._adapters: dict[int, LoRAWeights] = {}
         self._stacked: tuple[mx.array, mx.array] | None = None
+        self._add_in_matmul = type(base) is nn.Linear and "bias" not in base  # decided once, not per call
 
     def add(self, slot: int, weights: LoRAWeights, dtype: mx.Dtype) -> None:
         self._adapters[slot] = LoRAWeights(weights.a.astype(dtype), weights.b.astype(dtype), weights.scale)
@@ -91,7 +92,7 @@ class LoRALinear(nn.Module):
         delta = self._delta(x)
         if delta is None:
             return self.base(x)
-        if type(self.base) is nn.Linear and "bias" not in self.base:
+        if self._add_in_matmul:
             return mx.addmm(delta, x, self.base.weight.T)  # the add rides on the base matmul
         return self.base(x) + delta
 
