@@ -54,22 +54,42 @@ class LoRAContext:
         return self._within[n_slots]
 
 
+class _Mixed:
+    """What one layer needs to decode rows with different adapters, built once per change of rows."""
+
+    __slots__ = ("for_rows", "a", "b", "rows", "batch")
+
+    def __init__(self, context: LoRAContext, stacked: tuple[mx.array, mx.array]):
+        self.for_rows, self.batch = context.rows, context.batch
+        self.a, self.b = stacked
+        self.rows = context.rows_within(self.a.shape[0])
+
+
+def _plain(module: nn.Module, **values: Any) -> None:
+    """Set attributes outside the module's members: never parameters, and read without the
+    module's __getattr__, which keeps each decode step's Python short."""
+    for name, value in values.items():
+        object.__setattr__(module, name, value)
+
+
 class LoRALinear(nn.Module):
+    """The base layer plus its resident adapters. The base weight is read when the layer is
+    wrapped; a wrapped layer's base is not replaced (fuse refuses wrapped layers)."""
+
     def __init__(self, base: nn.Module, context: LoRAContext):
         super().__init__()
         self.base = base
-        self._context = context
-        self._adapters: dict[int, LoRAWeights] = {}
-        self._stacked: tuple[mx.array, mx.array] | None = None
-        self._add_in_matmul = type(base) is nn.Linear and "bias" not in base  # decided once, not per call
+        # The weight's transpose is a view (no copy), made once rather than as a graph node per call.
+        _plain(self, _context=context, _adapters={}, _stacked=None, _mixed=None,
+               _weight_t=base.weight.T if type(base) is nn.Linear and "bias" not in base else None)
 
     def add(self, slot: int, weights: LoRAWeights, dtype: mx.Dtype) -> None:
         self._adapters[slot] = LoRAWeights(weights.a.astype(dtype), weights.b.astype(dtype), weights.scale)
-        self._stacked = None
+        _plain(self, _stacked=None, _mixed=None)
 
     def remove(self, slot: int) -> None:
         self._adapters.pop(slot, None)
-        self._stacked = None
+        _plain(self, _stacked=None, _mixed=None)
 
     @property
     def is_empty(self) -> bool:
@@ -85,27 +105,29 @@ class LoRALinear(nn.Module):
             for slot, w in self._adapters.items():
                 a[slot, :, : w.rank] = w.a
                 b[slot, : w.rank, :] = w.b
-            self._stacked = (a, b)
+            _plain(self, _stacked=(a, b))
         return self._stacked
 
     def __call__(self, x: mx.array) -> mx.array:
         delta = self._delta(x)
         if delta is None:
             return self.base(x)
-        if self._add_in_matmul:
-            return mx.addmm(delta, x, self.base.weight.T)  # the add rides on the base matmul
+        if self._weight_t is not None:
+            return mx.addmm(delta, x, self._weight_t)  # the add rides on the base matmul
         return self.base(x) + delta
 
     def _delta(self, x: mx.array) -> mx.array | None:
         """x @ a @ b of each row's adapter; None when no row of the batch has one here."""
-        single = self._context.single
-        if single >= 0:
-            weights = self._adapters.get(single)
+        context = self._context
+        if context.single >= 0:
+            weights = self._adapters.get(context.single)
             return None if weights is None else (x @ weights.a) @ weights.b
-        a, b = self._stack()
-        rows, batch = self._context.rows_within(a.shape[0]), self._context.batch
-        h = mx.gather_mm(x, a, lhs_indices=batch, rhs_indices=rows)
-        return mx.gather_mm(h, b, lhs_indices=batch, rhs_indices=rows)
+        mixed = self._mixed
+        if mixed is None or mixed.for_rows is not context.rows:
+            mixed = _Mixed(context, self._stack())
+            _plain(self, _mixed=mixed)
+        h = mx.gather_mm(x, mixed.a, lhs_indices=mixed.batch, rhs_indices=mixed.rows)
+        return mx.gather_mm(h, mixed.b, lhs_indices=mixed.batch, rhs_indices=mixed.rows)
 
 
 def context_of(model: nn.Module) -> LoRAContext:
