@@ -112,9 +112,13 @@ class LoRALinear(nn.Module):
         delta = self._delta(x)
         if delta is None:
             return self.base(x)
-        if self._weight_t is not None:
+        if self._weight_t is None:
+            return self.base(x) + delta
+        if x.ndim == 2 or x.size == x.shape[-2] * x.shape[-1]:  # one matrix
             return mx.addmm(delta, x, self._weight_t)  # the add rides on the base matmul
-        return self.base(x) + delta
+        # addmm on a batch of matrices (B, 1, in) reads the weight once per row: make it one matrix
+        out = mx.addmm(delta.reshape(-1, delta.shape[-1]), x.reshape(-1, x.shape[-1]), self._weight_t)
+        return out.reshape(*x.shape[:-1], out.shape[-1])
 
     def _delta(self, x: mx.array) -> mx.array | None:
         """x @ a @ b of each row's adapter; None when no row of the batch has one here."""
