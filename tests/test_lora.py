@@ -111,6 +111,30 @@ def test_two_adapters_in_one_batch_at_the_layer():
     np.testing.assert_allclose(mixed[1], np.array(x[1] @ base), atol=1e-6)
 
 
+@pytest.mark.parametrize("width", [16, 512])  # a weight small enough for addmm per row, and one folded
+def test_linear_layer_with_mixed_rows_matches_each_row_alone(width):
+    import mlx.nn as nn
+    from mlx_gemma.lora.adapters import LoRAWeights
+
+    def normal(*shape, seed):
+        return mx.random.normal(shape, key=mx.random.key(seed))
+
+    base = nn.Linear(width, 2 * width, bias=False)
+    base.weight = normal(2 * width, width, seed=0)
+    layer = LoRALinear(base, LoRAContext())
+    layer.add(1, LoRAWeights(normal(width, 4, seed=1), normal(4, 2 * width, seed=2), 1.0), mx.float32)
+    layer.add(2, LoRAWeights(normal(width, 2, seed=3), normal(2, 2 * width, seed=4), 1.0), mx.float32)
+    x = normal(4, 1, width, seed=5)  # four decode rows
+    layer._context.set([2, 0, 1, 2])
+    mixed = np.array(layer(x))
+    assert mixed.shape == (4, 1, 2 * width)
+    for row, slot in enumerate([2, 0, 1, 2]):
+        layer._context.set([slot])
+        np.testing.assert_allclose(mixed[row], np.array(layer(x[row:row + 1]))[0], rtol=1e-5, atol=1e-4)
+    expected = np.array(x[1] @ base.weight.T)
+    np.testing.assert_allclose(mixed[1], expected, rtol=1e-5, atol=1e-4)
+
+
 def test_two_adapters_in_one_batch_at_the_model(lora_runtime):
     model = lora_runtime.model
     ids = reference("all7_r8")[2][0][:8]

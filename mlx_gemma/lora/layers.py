@@ -65,6 +65,12 @@ class _Mixed:
         self.rows = context.rows_within(self.a.shape[0])
 
 
+# addmm on a (B, M, in) batch runs one product per matrix, reading the weight each time. That is
+# cheaper than folding the rows into one matrix (three reshapes in the graph) only while the weight
+# bytes read stay this small; past it, the rows are folded.
+ADDMM_BATCH_BYTES = 512 * 1024
+
+
 def _plain(module: nn.Module, **values: Any) -> None:
     """Set attributes outside the module's members: never parameters, and read without the
     module's __getattr__, which keeps each decode step's Python short."""
@@ -80,8 +86,9 @@ class LoRALinear(nn.Module):
         super().__init__()
         self.base = base
         # The weight's transpose is a view (no copy), made once rather than as a graph node per call.
-        _plain(self, _context=context, _adapters={}, _stacked=None, _mixed=None,
-               _weight_t=base.weight.T if type(base) is nn.Linear and "bias" not in base else None)
+        weight_t = base.weight.T if type(base) is nn.Linear and "bias" not in base else None
+        _plain(self, _context=context, _adapters={}, _stacked=None, _mixed=None, _weight_t=weight_t,
+               _addmm_matrices=max(1, ADDMM_BATCH_BYTES // weight_t.nbytes) if weight_t is not None else 0)
 
     def add(self, slot: int, weights: LoRAWeights, dtype: mx.Dtype) -> None:
         self._adapters[slot] = LoRAWeights(weights.a.astype(dtype), weights.b.astype(dtype), weights.scale)
@@ -114,9 +121,10 @@ class LoRALinear(nn.Module):
             return self.base(x)
         if self._weight_t is None:
             return self.base(x) + delta
-        if x.ndim == 2 or x.size == x.shape[-2] * x.shape[-1]:  # one matrix
+        matrices = x.size // (x.shape[-2] * x.shape[-1]) if x.ndim > 2 else 1
+        if matrices <= self._addmm_matrices:
             return mx.addmm(delta, x, self._weight_t)  # the add rides on the base matmul
-        # addmm on a batch of matrices (B, 1, in) reads the weight once per row: make it one matrix
+        # addmm on a batch of matrices reads the weight once per matrix: fold the rows into one
         out = mx.addmm(delta.reshape(-1, delta.shape[-1]), x.reshape(-1, x.shape[-1]), self._weight_t)
         return out.reshape(*x.shape[:-1], out.shape[-1])
 
