@@ -87,15 +87,18 @@ class LoRALinear(nn.Module):
         self.base = base
         # The weight's transpose is a view (no copy), made once rather than as a graph node per call.
         weight_t = base.weight.T if type(base) is nn.Linear and "bias" not in base else None
-        _plain(self, _context=context, _adapters={}, _stacked=None, _mixed=None, _weight_t=weight_t,
+        _plain(self, _context=context, _adapters={}, _batched={}, _stacked=None, _mixed=None, _weight_t=weight_t,
                _addmm_matrices=max(1, ADDMM_BATCH_BYTES // weight_t.nbytes) if weight_t is not None else 0)
 
     def add(self, slot: int, weights: LoRAWeights, dtype: mx.Dtype) -> None:
-        self._adapters[slot] = LoRAWeights(weights.a.astype(dtype), weights.b.astype(dtype), weights.scale)
+        a, b = weights.a.astype(dtype), weights.b.astype(dtype)
+        self._adapters[slot] = LoRAWeights(a, b, weights.scale)
+        self._batched[slot] = (a[None], b[None])  # views, so a (1, T, in) input multiplies without reshapes
         _plain(self, _stacked=None, _mixed=None)
 
     def remove(self, slot: int) -> None:
         self._adapters.pop(slot, None)
+        self._batched.pop(slot, None)
         _plain(self, _stacked=None, _mixed=None)
 
     @property
@@ -133,7 +136,11 @@ class LoRALinear(nn.Module):
         context = self._context
         if context.single >= 0:
             weights = self._adapters.get(context.single)
-            return None if weights is None else (x @ weights.a) @ weights.b
+            if weights is None:
+                return None
+            one_matrix = x.ndim == 3 and x.shape[0] == 1  # a prompt, or a lone decode row
+            a, b = self._batched[context.single] if one_matrix else (weights.a, weights.b)
+            return (x @ a) @ b
         mixed = self._mixed
         if mixed is None or mixed.for_rows is not context.rows:
             mixed = _Mixed(context, self._stack())
