@@ -8,7 +8,9 @@ Contract:
 - Before a forward pass, `set_rows(model, slots)` says which slot each batch row uses (0 = the
   base alone). One slot for the whole batch computes `x @ a @ b` with that adapter's own rank;
   different slots gather from the adapters stacked and zero-padded to the largest rank, so rows
-  with different adapters share one forward pass.
+  with different adapters share one forward pass. On a plain float linear the delta is added
+  inside the base product (`addmm`); a batch of rows is folded into one matrix first when the
+  weight is large enough that reading it once per row would cost more (ADDMM_BATCH_BYTES).
 - `fuse(model, adapter)` merges an adapter into the weights in float32 (zero serving
   overhead). A quantized base layer is dequantized and stays unquantized: the function returns
   how many layers that was, so callers can say so; the delta is never dropped or silently
