@@ -91,17 +91,18 @@ def test_fuse_into_quantized_base_keeps_the_delta(tiny_dir):
     np.testing.assert_allclose(fused.logits(ids), unfused.logits(ids, lora="a"), atol=1e-4)
 
 
+def _normal(*shape: int, seed: int) -> mx.array:
+    return mx.random.normal(shape, key=mx.random.key(seed))
+
+
 def test_two_adapters_in_one_batch_at_the_layer():
     from mlx_gemma.lora.adapters import LoRAWeights
 
-    def normal(*shape, seed):
-        return mx.random.normal(shape, key=mx.random.key(seed))
-
-    base = normal(4, 6, seed=0)
+    base = _normal(4, 6, seed=0)
     layer = LoRALinear(lambda x: x @ base, LoRAContext())
-    layer.add(1, LoRAWeights(normal(4, 2, seed=1), normal(2, 6, seed=2), 1.0), mx.float32)
-    layer.add(3, LoRAWeights(normal(4, 3, seed=3), normal(3, 6, seed=4), 1.0), mx.float32)  # other rank
-    x = normal(3, 5, 4, seed=5)
+    layer.add(1, LoRAWeights(_normal(4, 2, seed=1), _normal(2, 6, seed=2), 1.0), mx.float32)
+    layer.add(3, LoRAWeights(_normal(4, 3, seed=3), _normal(3, 6, seed=4), 1.0), mx.float32)  # other rank
+    x = _normal(3, 5, 4, seed=5)
     layer._context.set([3, 0, 1])
     mixed = np.array(layer(x))
     for row, slot in enumerate([3, 0, 1]):
@@ -116,15 +117,12 @@ def test_linear_layer_with_mixed_rows_matches_each_row_alone(width):
     import mlx.nn as nn
     from mlx_gemma.lora.adapters import LoRAWeights
 
-    def normal(*shape, seed):
-        return mx.random.normal(shape, key=mx.random.key(seed))
-
     base = nn.Linear(width, 2 * width, bias=False)
-    base.weight = normal(2 * width, width, seed=0)
+    base.weight = _normal(2 * width, width, seed=0)
     layer = LoRALinear(base, LoRAContext())
-    layer.add(1, LoRAWeights(normal(width, 4, seed=1), normal(4, 2 * width, seed=2), 1.0), mx.float32)
-    layer.add(2, LoRAWeights(normal(width, 2, seed=3), normal(2, 2 * width, seed=4), 1.0), mx.float32)
-    x = normal(4, 1, width, seed=5)  # four decode rows
+    layer.add(1, LoRAWeights(_normal(width, 4, seed=1), _normal(4, 2 * width, seed=2), 1.0), mx.float32)
+    layer.add(2, LoRAWeights(_normal(width, 2, seed=3), _normal(2, 2 * width, seed=4), 1.0), mx.float32)
+    x = _normal(4, 1, width, seed=5)  # four decode rows
     layer._context.set([2, 0, 1, 2])
     mixed = np.array(layer(x))
     assert mixed.shape == (4, 1, 2 * width)
