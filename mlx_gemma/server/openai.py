@@ -78,6 +78,15 @@ def stream_options(body: dict[str, Any]) -> dict[str, Any]:
     return options or {}
 
 
+def flag(holder: dict[str, Any], name: str) -> bool:
+    """A boolean field: true, false, null or absent. A string such as "false" is refused, as OpenAI does,
+    rather than read as truthy."""
+    value = holder.get(name)
+    if value is not None and not isinstance(value, bool):
+        raise bad_input(f"{name}={value!r:.80}: give true or false (a JSON boolean), or leave it out")
+    return bool(value)
+
+
 class StopWatcher:
     """Holds back just enough text to cut it before the first stop string."""
 
@@ -130,11 +139,11 @@ async def generate(request: Request, chat: bool) -> Response:
     text_args = _text_args(body, chat)
     ids, params = service.prepare(lora, **text_args, **sampling(body))
     stops = stop_strings(body)
-    include_usage = bool(stream_options(body).get("include_usage"))
+    streaming, include_usage = flag(body, "stream"), flag(stream_options(body), "include_usage")
     stream = service.open_stream(ids, params, lora)
     pieces = stopped_text(stream, await started(stream), stops)
     meta = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()), "model": model}
-    if body.get("stream"):
+    if streaming:
         events = (chat_events if chat else completion_events)(stream, pieces, meta, include_usage)
         return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
     try:

@@ -70,6 +70,18 @@ def test_stream_options_other_than_an_object_are_bad_input(served: Served, optio
     assert runtime.engine.stats.requests == submitted  # refused before any generation started
 
 
+@pytest.mark.parametrize(("body", "name", "value"), [
+    ({"stream": "false"}, "stream", "false"), ({"stream": 1}, "stream", 1),
+    ({"stream": True, "stream_options": {"include_usage": "no"}}, "include_usage", "no")])
+def test_a_boolean_given_as_another_type_is_bad_input(served: Served, body: dict, name: str, value: object) -> None:
+    http, runtime = served
+    submitted = runtime.engine.stats.requests.copy()
+    response = http.post(CHAT, json={"messages": [{"role": "user", "content": "Hi"}], **body})
+    assert openai_error(response, 400, 5006) == (
+        f"AiError: Bad input: {name}={value!r}: give true or false (a JSON boolean), or leave it out")
+    assert runtime.engine.stats.requests == submitted  # "false" no longer starts a stream
+
+
 @pytest.mark.parametrize("role", [["user"], {"a": 1}, 3])
 def test_a_role_that_is_not_a_string_is_bad_input(served: Served, role: object) -> None:
     http, _ = served
