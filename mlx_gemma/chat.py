@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .tokenizer import GemmaTokenizer
+from .tokenizer import GemmaTokenizer, check_encodable
 
 ROLE_NAMES = {"user": "user", "assistant": "model", "model": "model", "system": "system"}
 
@@ -49,6 +49,7 @@ def _check_prompt(prompt: Any) -> None:
         raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")
     if not prompt:
         raise ValueError("prompt is empty: send at least one character")
+    check_encodable(prompt, "prompt")
 
 
 def raw_ids(tokenizer: GemmaTokenizer, prompt: str) -> list[int]:
@@ -84,6 +85,7 @@ def _check_message(index: int, message: Any) -> tuple[str, str]:
         raise ValueError(f"messages[{index}].role={role!r} is not supported: use user, assistant (or model) or system")
     if not isinstance(content, str):
         raise ValueError(f"messages[{index}].content must be a string, got {type(content).__name__}")
+    check_encodable(content, f"messages[{index}].content")
     return ROLE_NAMES[role], content
 
 

@@ -4,6 +4,7 @@ Contract:
 - `encode(text, parse_special=False)` never adds <bos>. With parse_special=False, text such as
   "<start_of_turn>" in user input is tokenized as plain characters, so a message cannot forge a
   turn; with parse_special=True (raw prompts) such markers become their special ids.
+  Text holding a lone surrogate, which no UTF-8 can encode, raises ValueError.
 - `decode(ids)` drops special tokens.
 - `stop_ids` holds <eos>, <end_of_turn> and any eos id of generation_config.json.
 - `StreamingDetokenizer` turns ids into text pieces whose concatenation equals
@@ -49,6 +50,7 @@ class GemmaTokenizer:
         return token_id
 
     def encode(self, text: str, parse_special: bool = False) -> list[int]:
+        check_encodable(text)
         tokenizer = self._raw if parse_special else self._plain
         return tokenizer.encode(text, add_special_tokens=False).ids
 
@@ -60,6 +62,18 @@ class GemmaTokenizer:
 
     def detokenizer(self) -> "StreamingDetokenizer":
         return StreamingDetokenizer(self)
+
+
+def check_encodable(text: str, name: str = "the text") -> None:
+    """Refuse text that no UTF-8 can hold: a lone surrogate such as "\\ud800" (left by a bad decode)."""
+    if text.isascii():
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"{name} {text[:40]!r} holds a lone UTF-16 surrogate {text[exc.start]!r} at index "
+                         f"{exc.start}: pass valid Unicode (join a surrogate pair into one character, or decode "
+                         "bytes with errors='replace')") from None
 
 
 def _generation_eos_ids(path: Path) -> list[int]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -65,9 +67,13 @@ def test_logits_shape_dtype(runtime):
     ({"prompt": "x", "messages": [{"role": "user", "content": "y"}]}, "got both"),
     ({"prompt": "x", "max_tokens": 0}, "max_tokens=0"),
     ({"prompt": "x", "lora": "nope"}, "lora='nope'"),
+    ({"prompt": "a\ud800b"}, "prompt 'a\\ud800b' holds a lone UTF-16 surrogate '\\ud800' at index 1"),
+    ({"prompt": "a\udc00", "raw": True}, "prompt 'a\\udc00' holds a lone UTF-16 surrogate '\\udc00' at index 1"),
+    ({"messages": [{"role": "user", "content": "\ud83d!"}]},
+     "messages[0].content '\\ud83d!' holds a lone UTF-16 surrogate '\\ud83d' at index 0: pass valid Unicode"),
 ])
 def test_bad_arguments_raise_naming_the_value(runtime, kwargs, message):
-    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+    with pytest.raises(ValueError, match=re.escape(message)):
         runtime.generate(**kwargs)
 
 

@@ -63,3 +63,12 @@ def test_incomplete_character_is_flushed_at_the_end(tok):
     detok = tok.detokenizer()
     assert detok.add(tok.encode("日")[0]) == ""
     assert detok.flush() == "\ufffd"
+
+
+def test_a_lone_surrogate_is_refused_naming_it_and_the_fix(tok):
+    with pytest.raises(ValueError) as refused:
+        tok.encode("ok \ud800 then")
+    assert str(refused.value) == (
+        "the text 'ok \\ud800 then' holds a lone UTF-16 surrogate '\\ud800' at index 3: pass valid Unicode "
+        "(join a surrogate pair into one character, or decode bytes with errors='replace')")
+    assert tok.decode(tok.encode("ok \U0001f642")) == "ok \U0001f642"  # a joined pair is one character and encodes
