@@ -2,8 +2,8 @@
 
 Contract:
 - `messages` render as `<bos>` then, per turn, `<start_of_turn>{role}\\n{content}<end_of_turn>\\n`,
-  then `<start_of_turn>model\\n`. Role `assistant` is written `model`. Content is trimmed, as
-  Gemma's own chat template does.
+  then `<start_of_turn>model\\n`. Role `assistant` is written `model`; `developer` (OpenAI's newer
+  name for system) is read as `system`. Content is trimmed, as Gemma's own chat template does.
 - Gemma has no system role: system text is folded into the next user turn as
   `{system}\\n\\n{user}` (as Gemma 3's template does), never dropped. System text with no user
   turn after it becomes a user turn of its own.
@@ -21,7 +21,8 @@ from typing import Any
 
 from .tokenizer import GemmaTokenizer, check_encodable
 
-ROLE_NAMES = {"user": "user", "assistant": "model", "model": "model", "system": "system"}
+ROLE_NAMES = {"user": "user", "assistant": "model", "model": "model", "system": "system",
+              "developer": "system"}  # OpenAI's newer name for system instructions
 
 
 def prompt_ids(
@@ -82,7 +83,8 @@ def _check_message(index: int, message: Any) -> tuple[str, str]:
         raise ValueError(f"messages[{index}] must be an object with role and content")
     role, content = message.get("role"), message.get("content")
     if not isinstance(role, str) or role not in ROLE_NAMES:
-        raise ValueError(f"messages[{index}].role={role!r} is not supported: use user, assistant (or model) or system")
+        raise ValueError(f"messages[{index}].role={role!r} is not supported: "
+                         "use user, assistant (or model), system or developer")
     if not isinstance(content, str):
         raise ValueError(f"messages[{index}].content must be a string, got {type(content).__name__}")
     check_encodable(content, f"messages[{index}].content")

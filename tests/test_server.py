@@ -18,6 +18,7 @@ import mlx_gemma
 from mlx_gemma.engine import Request
 from mlx_gemma.sampler import GenerationParams
 from mlx_gemma.server.app import build_app
+from mlx_gemma.server.openai import StopWatcher
 from mlx_gemma.server.service import Settings
 
 from conftest import FIXTURES
@@ -324,6 +325,27 @@ def test_openai_completion_is_raw_and_stop_strings_cut(client: TestClient, serve
     cut = client.post("/v1/completions", json={"prompt": "Once upon a time", "stop": [stop], **GREEDY}).json()
     assert cut["choices"][0]["text"] == full[:full.index(stop)]
     assert cut["choices"][0]["finish_reason"] == "stop"
+    at_start = client.post("/v1/completions", json={"prompt": "Once upon a time", "stop": [full[:4]], **GREEDY}).json()
+    assert at_start["choices"][0]["text"] == "" and at_start["choices"][0]["finish_reason"] == "stop"
+
+
+@pytest.mark.parametrize(("stops", "pieces", "expected"), [
+    (["Human:"], ["Hum", "an:", " hi"], ["", ""]),  # the stop string arrives split, from the first piece
+    (["abcd"], ["ab", "cd", "ef"], ["", ""]),
+    (["abcd"], ["x", "yab", "cz"], ["", "x", "ya", "bcz"]),  # the held tail never became a stop: flushed
+    (["ab", "long stop"], ["0123456789a", "b"], ["012", "3456789"]),
+])
+def test_stop_watcher_holds_only_what_could_begin_a_stop(stops: list[str], pieces: list[str],
+                                                         expected: list[str]) -> None:
+    watcher = StopWatcher(stops)
+    out = []
+    for piece in pieces:
+        out.append(watcher.feed(piece))
+        if watcher.stopped:
+            break
+    if not watcher.stopped:
+        out.append(watcher.flush())
+    assert out == expected
 
 
 def test_openai_models_and_finetune_by_model(client: TestClient, reference: mlx_gemma.Runtime) -> None:
@@ -338,3 +360,38 @@ def test_openai_models_and_finetune_by_model(client: TestClient, reference: mlx_
     assert missing.json()["error"]["type"] == "not_found_error"
     bad = client.post("/v1/chat/completions", json={"messages": messages, "temperature": 9})
     assert bad.status_code == 400 and "temperature" in bad.json()["error"]["message"]
+
+
+def test_openai_models_retrieve_by_id_with_slashes(client: TestClient) -> None:
+    create_finetune(client, "oa-one")
+    for name in ("@cf/google/gemma-2b-it-lora", "oa-one"):
+        assert client.get(f"/v1/models/{name}").json() == next(
+            row for row in client.get("/v1/models").json()["data"] if row["id"] == name)
+    missing = client.get(f"{ACCOUNT}/v1/models/gpt-4o")
+    assert missing.status_code == 404
+    assert missing.json()["error"]["message"] == (
+        "The model 'gpt-4o' does not exist: GET /v1/models lists the served ones")
+
+
+def test_openai_nulls_are_unset_and_developer_is_system(client: TestClient, server_runtime: mlx_gemma.Runtime) -> None:
+    body = client.post("/v1/chat/completions", json={
+        "messages": [{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "Hello"}],
+        "n": None, "best_of": None, "max_completion_tokens": None, "max_tokens": 3, "seed": None,
+        "response_format": {"type": "text"}, "temperature": 0}).json()
+    expected = server_runtime.generate(messages=[{"role": "system", "content": "Be brief."},
+                                                 {"role": "user", "content": "Hello"}], temperature=0, max_tokens=3)
+    assert body["choices"][0]["message"]["content"] == expected.text
+    assert body["usage"] == expected.usage.to_dict() and body["usage"]["completion_tokens"] == 3
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    ({"echo": True}, "echo (returning the prompt with the completion) not supported by this server"),
+    ({"suffix": "END"}, "suffix (text after the completion) not supported by this server"),
+    ({"best_of": 3}, "best_of=3: only 1 is supported; send separate requests"),
+    ({"response_format": {"type": "json_object"}},
+     "response_format={'type': 'json_object'} not supported: only {\"type\": \"text\"}"),
+])
+def test_openai_fields_that_would_change_the_answer_are_refused(client: TestClient, still_serving: None,
+                                                                extra: dict, message: str) -> None:
+    response = client.post("/v1/completions", json={"prompt": "Hi", **extra})
+    assert response.status_code == 400 and response.json()["error"]["message"] == f"AiError: Bad input: {message}"

@@ -5,9 +5,12 @@ Contract: the shapes of OpenAI's API as the `openai` SDK reads them. `model` nam
 it is optional and defaults to the base. Sampling fields: max_tokens (or
 max_completion_tokens), temperature, top_p, seed, frequency_penalty, presence_penalty, and as
 in vLLM top_k and repetition_penalty; values outside the Workers AI schema's limits are
-refused. `/v1/completions` tokenizes the prompt as given (no chat template). `stop` strings
-end the text before the stop string. Streams end with `data: [DONE]`; with
-`stream_options.include_usage` a last chunk carries the usage. The same routes are mounted
+refused. Fields sent as null count as unset. `developer` messages are system messages. echo,
+suffix, n or best_of other than 1, and a response_format other than text are refused rather than
+ignored. `/v1/completions` tokenizes the prompt as given (no chat template). `stop` strings end
+the text before the stop string. Streams end with `data: [DONE]`; with
+`stream_options.include_usage` a last chunk carries the usage. `GET /v1/models/{id}` returns one
+row of the list. The same routes are mounted
 under /client/v4/accounts/{account_id}/ai/v1/. Errors: OpenAI's `{"error": {...}}` (app.py).
 """
 
@@ -30,7 +33,8 @@ from .workers_ai import PREFIX, SSE_HEADERS, read_json, service_of, sse, started
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "seed", "frequency_penalty", "presence_penalty",
                    "repetition_penalty")
 NOT_SUPPORTED = {"tools": "tool calling", "functions": "function calling", "logprobs": "logprobs",
-                 "response_format": "response_format", "logit_bias": "logit_bias"}
+                 "logit_bias": "logit_bias", "echo": "echo (returning the prompt with the completion)",
+                 "suffix": "suffix (text after the completion)"}
 
 
 async def resolve_model(service: Service, model: Any) -> str | None:
@@ -49,13 +53,18 @@ async def resolve_model(service: Service, model: Any) -> str | None:
 
 
 def sampling(body: dict[str, Any]) -> dict[str, Any]:
+    """Sampler arguments from the body; null means unset, as in OpenAI's API."""
     unsupported = [label for key, label in NOT_SUPPORTED.items() if body.get(key)]
     if unsupported:
         raise bad_input(f"{', '.join(unsupported)} not supported by this server")
-    if body.get("n", 1) != 1:
-        raise bad_input(f"n={body['n']!r}: only n=1 is supported; send separate requests")
+    for count in ("n", "best_of"):
+        if body.get(count) not in (None, 1):
+            raise bad_input(f"{count}={body[count]!r}: only 1 is supported; send separate requests")
+    response_format = body.get("response_format")
+    if response_format not in (None, {"type": "text"}):
+        raise bad_input(f"response_format={response_format!r:.80} not supported: only {{\"type\": \"text\"}}")
     args = {key: body[key] for key in SAMPLING_FIELDS if body.get(key) is not None}
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    max_tokens = next((body[key] for key in ("max_completion_tokens", "max_tokens") if body.get(key) is not None), None)
     if max_tokens is not None:
         args["max_tokens"] = max_tokens
     if "temperature" not in args:
@@ -103,7 +112,8 @@ class StopWatcher:
             out, self.held = self.held[:cut], ""
             return out
         keep = max((len(s) - 1 for s in self.stops), default=0)
-        out, self.held = self.held[:len(self.held) - keep], self.held[len(self.held) - keep:]
+        ready = max(0, len(self.held) - keep)  # all but the tail that could still begin a stop string
+        out, self.held = self.held[:ready], self.held[ready:]
         return out
 
     def flush(self) -> str:
@@ -218,13 +228,24 @@ async def completions(request: Request) -> Response:
     return await generate(request, chat=False)
 
 
-async def models(request: Request) -> Response:
-    service = service_of(request)
+async def model_rows(service: Service) -> list[dict[str, Any]]:
     finetunes = await asyncio.to_thread(service.store.list)
     rows = [_model_row(name, "mlx-gemma") for name in service.served_models()]
     rows += [_model_row(name, "mlx-gemma:adapter") for name in sorted(service.static_adapters)]
-    rows += [_model_row(f.name, "mlx-gemma:finetune") for f in finetunes if f.complete]
-    return JSONResponse({"object": "list", "data": rows})
+    return rows + [_model_row(f.name, "mlx-gemma:finetune") for f in finetunes if f.complete]
+
+
+async def models(request: Request) -> Response:
+    return JSONResponse({"object": "list", "data": await model_rows(service_of(request))})
+
+
+async def model(request: Request) -> Response:
+    """One row of /v1/models, as `client.models.retrieve(id)` reads it; ids may hold slashes."""
+    name = request.path_params["name"]
+    row = next((row for row in await model_rows(service_of(request)) if row["id"] == name), None)
+    if row is None:
+        raise ApiError(404, 3037, f"The model {name!r} does not exist: GET /v1/models lists the served ones")
+    return JSONResponse(row)
 
 
 def _model_row(name: str, owner: str) -> dict[str, Any]:
@@ -236,6 +257,7 @@ def v1_routes() -> list[BaseRoute]:
         Route("/chat/completions", chat_completions, methods=["POST"]),
         Route("/completions", completions, methods=["POST"]),
         Route("/models", models, methods=["GET"]),
+        Route("/models/{name:path}", model, methods=["GET"]),
     ]
 
 

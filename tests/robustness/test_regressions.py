@@ -87,7 +87,7 @@ def test_a_role_that_is_not_a_string_is_bad_input(served: Served, role: object) 
     http, _ = served
     response = http.post(CHAT, json={"messages": [{"role": role, "content": "Hi"}]})
     assert openai_error(response, 400, 5006) == (
-        f"AiError: Bad input: messages[0].role={role!r} is not supported: use user, assistant (or model) or system")
+        f"AiError: Bad input: messages[0].role={role!r} is not supported: use user, assistant (or model), system or developer")
 
 
 def test_integral_numbers_are_integers_as_in_json_schema(served: Served) -> None:
