@@ -198,6 +198,28 @@ def test_lora_with_messages_and_public_listing(client: TestClient, reference: ml
     assert [f["id"] for f in client.get(f"{ACCOUNT}/finetunes/public").json()["result"]] == [created["id"]]
 
 
+def test_lora_with_messages_and_raw_as_in_cloudflares_example(client: TestClient, reference: mlx_gemma.Runtime) -> None:
+    create_finetune(client, "doc-tune")
+    messages = [{"role": "user", "content": "Hello world"}]
+    response = client.post(RUN, json={"messages": messages, "raw": "true", "lora": "doc-tune", **GREEDY})
+    assert response.json() == expected_run(reference, messages=messages, lora="all7", **GREEDY)
+
+
+def test_public_finetunes_page_and_order_as_cloudflares_query(client: TestClient) -> None:
+    for name in ("pub-c", "pub-a", "pub-b"):
+        create_finetune(client, name, files={})
+    listed = lambda query: [f["name"] for f in client.get(f"{ACCOUNT}/finetunes/public?{query}").json()["result"]]  # noqa: E731
+    assert listed("orderBy=name") == ["pub-a", "pub-b", "pub-c"]
+    assert listed("orderBy=name&limit=1&offset=1") == ["pub-b"]
+    assert listed("limit=2") == listed("")[:2] and listed("offset=3") == []
+    for query, message in [("limit=0", "limit='0': use a whole number of at least 1"),
+                           ("offset=-1", "offset='-1': use a whole number of at least 0"),
+                           ("orderBy=size", "orderBy='size': order by one of id, name, model, description, "
+                                            "created_at, modified_at")]:
+        response = client.get(f"{ACCOUNT}/finetunes/public?{query}")
+        assert response.status_code == 400 and response.json() == error(5006, f"AiError: Bad input: {message}")
+
+
 def test_finetune_missing_files_is_3039(client: TestClient) -> None:
     create_finetune(client, "half", files={"adapter_config.json": (ADAPTER / "adapter_config.json").read_bytes()})
     response = client.post(RUN, json={"prompt": "a", "lora": "half"})

@@ -124,6 +124,22 @@ def test_disconnect_frees_the_engine_at_once(live: tuple[str, mlx_gemma.Runtime]
         assert (health["active"], health["waiting"]) == (0, 0)
 
 
+@pytest.mark.parametrize("route", ["run", "chat"])
+def test_a_client_that_gives_up_on_a_whole_answer_cancels_it(live: tuple[str, mlx_gemma.Runtime], route: str) -> None:
+    url, runtime = live
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    path, body = ((f"/client/v4/accounts/{ACCOUNT}/ai/run/{MODEL}", {"prompt": "Count forever"}) if route == "run"
+                  else ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Count forever"}]}))
+    cancelled = runtime.engine.stats.requests["cancelled"]
+    with httpx.Client(base_url=url, timeout=0.5) as http, pytest.raises(httpx.ReadTimeout):
+        http.post(path, json={**body, "temperature": 0, "max_tokens": 100000}, headers=headers)
+    deadline = time.monotonic() + 5
+    while runtime.engine.active and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert (runtime.engine.active, runtime.engine.waiting) == (0, 0), "the engine still runs the abandoned request"
+    assert runtime.engine.stats.requests["cancelled"] == cancelled + 1
+
+
 # --- SIGKILL during an upload ---------------------------------------------------------------
 
 def start_server(tiny_dir: Path, data_dir: Path) -> tuple[subprocess.Popen, str]:

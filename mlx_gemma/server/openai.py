@@ -28,7 +28,7 @@ from starlette.routing import BaseRoute, Mount, Route
 
 from .schema import ApiError, bad_input
 from .service import AsyncTextStream, Service
-from .workers_ai import PREFIX, SSE_HEADERS, read_json, service_of, sse, started
+from .workers_ai import PREFIX, SSE_HEADERS, read_json, service_of, sse, started, unless_gone, while_connected
 
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "seed", "frequency_penalty", "presence_penalty",
                    "repetition_penalty")
@@ -151,16 +151,20 @@ async def generate(request: Request, chat: bool) -> Response:
     stops = stop_strings(body)
     streaming, include_usage = flag(body, "stream"), flag(stream_options(body), "include_usage")
     stream = service.open_stream(ids, params, lora)
-    pieces = stopped_text(stream, await started(stream), stops)
+    pieces = stopped_text(stream, await while_connected(request, stream, started(stream)), stops)
     meta = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()), "model": model}
     if streaming:
         events = (chat_events if chat else completion_events)(stream, pieces, meta, include_usage)
         return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
     try:
-        text = "".join([piece async for piece in pieces])
+        text = await while_connected(request, stream, _joined(pieces))
     finally:
         stream.cancel()
     return JSONResponse((chat_body if chat else completion_body)(text, stream, meta))
+
+
+async def _joined(pieces: AsyncIterator[str]) -> str:
+    return "".join([piece async for piece in pieces])
 
 
 def _text_args(body: dict[str, Any], chat: bool) -> dict[str, Any]:
@@ -220,10 +224,12 @@ async def completion_events(stream: AsyncTextStream, pieces: AsyncIterator[str],
     yield sse("[DONE]")
 
 
+@unless_gone
 async def chat_completions(request: Request) -> Response:
     return await generate(request, chat=True)
 
 
+@unless_gone
 async def completions(request: Request) -> Response:
     return await generate(request, chat=False)
 

@@ -5,7 +5,10 @@ Contract (DESIGN.md section 6): `POST run/{model}` answers with the success enve
 `data: {"response":"..."}` per piece, then `data: {"response":"","usage":{...}}`, then
 `data: [DONE]`. Fine-tunes: `POST finetunes`, `GET finetunes`, `GET finetunes/public`,
 `GET`/`DELETE finetunes/{id or name}`, `POST finetunes/{id or name}/finetune-assets`
-(multipart `file_name` + `file`, refused with 413 as soon as it passes the upload limit). Every
+(multipart `file_name` + `file`, refused with 413 as soon as it passes the upload limit);
+`finetunes/public` pages with `limit`, `offset` and `orderBy`. With `messages`, `raw` is accepted
+and has no effect. A client that disconnects before its answer begins (queued, prefilling, or
+waiting for a whole non-streamed answer) cancels its generation; it gets an empty 499. Every
 failure is an ApiError, rendered by app.py; a fine-tune store whose disk (or quota) is full
 answers 507 (code 3043) and is left unchanged.
 """
@@ -13,9 +16,10 @@ answers 507 (code 3043) and is left unchanged.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
 
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
@@ -32,6 +36,45 @@ RUN_FIELDS = ("prompt", "messages", "raw", "max_tokens", "temperature", "top_p",
               "repetition_penalty", "frequency_penalty", "presence_penalty")
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 FORM_OVERHEAD_BYTES = 64 * 1024  # an upload's multipart framing and file_name field, beyond the file
+ORDER_COLUMNS = ("id", "name", "model", "description", "created_at", "modified_at")
+T = TypeVar("T")
+
+
+class ClientGone(Exception):
+    """The client disconnected before its answer began; its generation has been cancelled."""
+
+
+def unless_gone(endpoint: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
+    """An endpoint whose client may leave while it waits: nobody reads the answer then, so send an empty 499."""
+    @functools.wraps(endpoint)
+    async def answer(request: Request) -> Response:
+        try:
+            return await endpoint(request)
+        except ClientGone:
+            return Response(status_code=499)
+    return answer
+
+
+async def while_connected(request: Request, stream: AsyncTextStream, work: Awaitable[T]) -> T:
+    """Await `work` unless the client disconnects first: then cancel the stream, so its row leaves the
+    batch at the next step (or never starts), and raise ClientGone."""
+    task, gone = asyncio.ensure_future(work), asyncio.ensure_future(_disconnect(request))
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not task.done():
+            task.cancel()
+            stream.cancel()
+    if task.cancelled():
+        raise ClientGone()
+    return task.result()
+
+
+async def _disconnect(request: Request) -> None:
+    """Return when the client disconnects (the body has been read, so nothing else can arrive)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def service_of(request: Request) -> Service:
@@ -81,18 +124,28 @@ async def started(stream: AsyncTextStream) -> AsyncIterator[str]:
     return pieces()
 
 
+@unless_gone
 async def run(request: Request) -> Response:
     service = service_of(request)
     service.check_model(request.path_params["model"])
     body = validate_run_body(await read_json(request))
     lora = await service.resolve_lora(body.get("lora"))
-    ids, params = service.prepare(lora, **{k: body[k] for k in RUN_FIELDS if k in body})
+    ids, params = service.prepare(lora, **run_fields(body))
     stream = service.open_stream(ids, params, lora)
     if body.get("stream"):
-        return StreamingResponse(run_events(stream, await started(stream)), media_type="text/event-stream",
-                                 headers=SSE_HEADERS)
-    text = await stream.text()
+        pieces = await while_connected(request, stream, started(stream))
+        return StreamingResponse(run_events(stream, pieces), media_type="text/event-stream", headers=SSE_HEADERS)
+    text = await while_connected(request, stream, stream.text())
     return JSONResponse(success({"response": text, "usage": stream.usage.to_dict()}))
+
+
+def run_fields(body: dict[str, Any]) -> dict[str, Any]:
+    """The generation fields of a run body. Messages always take the chat template: `raw` is read only
+    with a prompt (Cloudflare's own LoRA example sends `"raw": "true"` with messages)."""
+    fields = {k: body[k] for k in RUN_FIELDS if k in body}
+    if "messages" in fields:
+        fields.pop("raw", None)
+    return fields
 
 
 async def run_events(stream: AsyncTextStream, pieces: AsyncIterator[str]) -> AsyncIterator[bytes]:
@@ -138,8 +191,24 @@ async def list_finetunes(request: Request) -> Response:
 
 
 async def list_public_finetunes(request: Request) -> Response:
-    finetunes = await asyncio.to_thread(service_of(request).store.list, True)
-    return JSONResponse(success([f.to_dict() for f in finetunes]))
+    """Public fine-tunes, with the `limit`, `offset` and `orderBy` query parameters of Cloudflare's API."""
+    limit, offset = _count_query(request, "limit", 1), _count_query(request, "offset", 0) or 0
+    order_by = request.query_params.get("orderBy")
+    if order_by is not None and order_by not in ORDER_COLUMNS:
+        raise bad_input(f"orderBy={order_by!r:.80}: order by one of {', '.join(ORDER_COLUMNS)}")
+    rows = [f.to_dict() for f in await asyncio.to_thread(service_of(request).store.list, True)]
+    if order_by is not None:
+        rows.sort(key=lambda row: str(row[order_by]))
+    return JSONResponse(success(rows[offset:None if limit is None else offset + limit]))
+
+
+def _count_query(request: Request, name: str, least: int) -> int | None:
+    text = request.query_params.get(name)
+    if text is None:
+        return None
+    if not text.isdigit() or int(text) < least:
+        raise bad_input(f"{name}={text!r:.40}: use a whole number of at least {least}")
+    return int(text)
 
 
 async def get_finetune(request: Request) -> Response:
