@@ -2,11 +2,15 @@
 
 Contract: mounts the Workers AI routes (workers_ai.py), the OpenAI routes (openai.py),
 `GET /healthz`, `GET /metrics` (Prometheus text, metrics.py) and the browser playground (pages.py:
-the page at `GET /`, its files at `GET /playground/<name>`). With `settings.api_token`, every route
-but /healthz and the playground's page and files needs `Authorization: Bearer <token>` (else 401,
-code 10000). Every ApiError becomes the Workers AI error envelope with its status (OpenAI's error
-object under a /v1/ path); an unexpected exception becomes a 500 envelope and is logged, and the
-server keeps serving.
+the page at `GET /`, its files at `GET /playground/<name>`). A path ending in "/" (other than "/")
+is served exactly as the same path without that one slash (`POST .../ai/finetunes/` creates a
+fine-tune), on every route; nothing answers with a slash-adding or slash-removing 307 redirect.
+With `settings.api_token`, every route but /healthz and the playground's page and files needs
+`Authorization: Bearer <token>`, the scheme in any case (else 401, code 10000, with
+`WWW-Authenticate: Bearer`). Every ApiError becomes the Workers AI error envelope with its status
+(OpenAI's error object under a /v1/ path); a 404 or 405 from routing becomes the same envelope (codes
+7000 and 7001), and a 405 carries `Allow` naming every method served at that path. An unexpected
+exception becomes a 500 envelope and is logged, and the server keeps serving.
 """
 
 from __future__ import annotations
@@ -14,13 +18,14 @@ from __future__ import annotations
 import hmac
 import logging
 import re
+from collections.abc import Mapping
 from typing import Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Match, Mount, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..lora.store import FinetuneStore
@@ -32,7 +37,8 @@ from .service import Service, Settings
 log = logging.getLogger("mlx_gemma.server")
 OPENAI_UNDER_ACCOUNT = re.compile(r"/client/v4/accounts/[^/]+/ai/v1/")
 OPENAI_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-                      409: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error"}
+                      405: "invalid_request_error", 409: "invalid_request_error", 413: "invalid_request_error",
+                      429: "rate_limit_error"}
 PUBLIC_PATHS = {"/healthz", *pages.PUBLIC_PATHS}  # the page holds no data; its API calls need the token
 
 
@@ -41,11 +47,13 @@ def is_openai_path(path: str) -> bool:
     return path.startswith("/v1/") or OPENAI_UNDER_ACCOUNT.match(path) is not None
 
 
-def error_response(path: str, status: int, code: int, message: str) -> JSONResponse:
+def error_response(path: str, status: int, code: int, message: str,
+                   headers: Mapping[str, str] | None = None) -> JSONResponse:
     if is_openai_path(path):
         kind = OPENAI_ERROR_TYPES.get(status, "server_error")
-        return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": code}}, status)
-    return JSONResponse(failure(code, message), status)
+        body = {"error": {"message": message, "type": kind, "param": None, "code": code}}
+        return JSONResponse(body, status, headers=headers)
+    return JSONResponse(failure(code, message), status, headers=headers)
 
 
 async def api_error(request: Request, exc: Exception) -> Response:
@@ -53,11 +61,34 @@ async def api_error(request: Request, exc: Exception) -> Response:
     return error_response(request.url.path, exc.status, exc.code, exc.message)
 
 
+def allowed_methods(routes: list[BaseRoute], scope: Scope) -> set[str]:
+    """Every method some route serves at this path (Starlette's own Allow names only the first such route)."""
+    methods: set[str] = set()
+    for route in routes:
+        match, child = route.matches(scope)
+        if match is Match.NONE:
+            continue
+        if isinstance(route, Mount):
+            methods |= allowed_methods(route.routes, {**scope, **child})
+        elif isinstance(route, Route):
+            methods |= route.methods or set()
+    return methods
+
+
+def top_scope(scope: Scope) -> Scope:
+    """The request as the router first saw it (a Mount's match rewrote root_path in the shared scope)."""
+    root = scope.get("app_root_path", scope.get("root_path", ""))
+    return {"type": "http", "method": scope["method"], "path": scope["path"], "root_path": root}
+
+
 async def http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     code = 7000 if exc.status_code == 404 else 7001  # Cloudflare's "no route" / "method not allowed"
     message = f"{request.method} {request.url.path}: {exc.detail}"
-    return error_response(request.url.path, exc.status_code, code, message)
+    headers = dict(exc.headers or {})
+    if exc.status_code == 405 and (methods := allowed_methods(request.app.routes, top_scope(request.scope))):
+        headers["Allow"] = ", ".join(sorted(methods))
+    return error_response(request.url.path, exc.status_code, code, message, headers)
 
 
 async def server_error(request: Request, exc: Exception) -> Response:
@@ -65,12 +96,28 @@ async def server_error(request: Request, exc: Exception) -> Response:
     return error_response(request.url.path, 500, 3043, f"AiError: Internal server error: {type(exc).__name__}: {exc}")
 
 
+class StripTrailingSlash:
+    """ASGI middleware: `/a/b/` is routed as `/a/b` (path and raw_path); `/` stays as it is."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "")
+        if scope["type"] in ("http", "websocket") and len(path) > 1 and path.endswith("/"):
+            scope = {**scope, "path": path[:-1]}
+            raw = scope.get("raw_path")
+            if isinstance(raw, bytes) and len(raw) > 1 and raw.endswith(b"/"):
+                scope["raw_path"] = raw[:-1]
+        await self.app(scope, receive, send)
+
+
 class BearerAuth:
-    """ASGI middleware: every path but PUBLIC_PATHS needs `Authorization: Bearer <token>`."""
+    """ASGI middleware: every path but PUBLIC_PATHS needs `Authorization: Bearer <token>` (scheme in any case)."""
 
     def __init__(self, app: ASGIApp, token: str):
         self.app = app
-        self.expected = f"Bearer {token}".encode()
+        self.expected = token.encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] in PUBLIC_PATHS or self._allowed(scope):
@@ -80,12 +127,13 @@ class BearerAuth:
         reason = ("send the header Authorization: Bearer <token>" if given is None
                   else "the bearer token is not the server's --api-token")
         error = unauthorized(reason)
-        response = error_response(scope["path"], error.status, error.code, error.message)
+        response = error_response(scope["path"], error.status, error.code, error.message,
+                                  {"WWW-Authenticate": "Bearer"})
         await response(scope, receive, send)
 
     def _allowed(self, scope: Scope) -> bool:
-        given = dict(scope["headers"]).get(b"authorization", b"")
-        return hmac.compare_digest(given, self.expected)
+        scheme, _, token = dict(scope["headers"]).get(b"authorization", b"").partition(b" ")
+        return scheme.lower() == b"bearer" and hmac.compare_digest(token.lstrip(b" "), self.expected)
 
 
 async def healthz(request: Request) -> Response:
@@ -107,7 +155,9 @@ def build_app(runtime: Runtime, settings: Settings, store: FinetuneStore | None 
               *workers_ai.routes(), *openai.routes(), *pages.routes()]
     handlers: dict[Any, Any] = {ApiError: api_error, HTTPException: http_error, Exception: server_error}
     app = Starlette(routes=routes, exception_handlers=handlers)
+    app.router.redirect_slashes = False  # StripTrailingSlash does it; a redirect would loop (/v1 <-> /v1/)
     app.state.service = Service(runtime, settings, store)
     if settings.api_token:
         app.add_middleware(BearerAuth, token=settings.api_token)
+    app.add_middleware(StripTrailingSlash)  # added last, so it runs first: auth sees the stripped path
     return app
