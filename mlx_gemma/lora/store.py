@@ -5,7 +5,8 @@ everything as it was), then makes it resident. `acquire(name)` returns the adapt
 a request, loading it again from its path if it was evicted; `release(name)` ends that use.
 When a new adapter needs room, the least recently used adapter that no request is using is
 evicted (it stays known and reloads on demand); if every resident adapter is in use, the
-request is refused with a message saying so. `remove(name)` forgets an adapter.
+request is refused with an `AdapterBusyError` naming the limit and how to raise it.
+`remove(name)` forgets an adapter.
 Switching between resident adapters copies nothing: each request just carries a slot.
 
 `FinetuneStore(data_dir)` keeps fine-tunes on local disk, as Workers AI's fine-tunes API does:
@@ -24,6 +25,8 @@ PEFT files (`ASSET_NAMES`) in `<data_dir>/finetunes/<id>/`; uploads stream into 
   upload to a linked directory is refused) and opening the store removes the link, never its
   target; a linked `tmp/` is replaced by a real directory; a linked `finetunes/` is refused.
 Every refusal is a `FinetuneError` (a ValueError) whose message names the bad value and the fix.
+Names are 1 to 128 characters among letters, digits, `-`, `_` and `.` (not first), unique, and
+not one of `RESERVED_NAMES` (`public`: `GET finetunes/public` is the public listing).
 `is_disk_full(exc)` tells a full disk (or quota) apart from other errors; the store is unchanged then.
 One process owns a data directory (opening it clears `tmp/`); threads within it may share the store.
 """
@@ -101,8 +104,9 @@ class AdapterRegistry:
         while len(self._resident) >= self.max_resident:
             idle = [n for n in self._resident if not self._in_use[n]]
             if not idle:
-                raise AdapterBusyError(f"all {self.max_resident} resident adapters are in use: "
-                                       "retry when a request finishes, or raise the resident limit")
+                raise AdapterBusyError(f"all {self.max_resident} resident adapters are in use: retry when a "
+                                       "request finishes, or raise the limit (--max-resident-adapters, "
+                                       "max_resident_adapters= in Python)")
             self._evict(idle[0])  # OrderedDict order: least recently used first
 
     def remove(self, name: str) -> None:
@@ -174,6 +178,7 @@ class AssetTooLarge(AssetError):
 
 ASSET_NAMES = ("adapter_config.json", "adapter_model.safetensors")
 MAX_NAME_CHARS = 128
+RESERVED_NAMES = frozenset({"public"})  # a route of its own under finetunes/
 MAX_DESCRIPTION_CHARS = 1024
 UPLOAD_CHUNK_BYTES = 1024 * 1024
 _NAME_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*")
@@ -412,6 +417,9 @@ def _check_fields(model: Any, name: Any, description: Any, public: Any) -> None:
     if not (isinstance(name, str) and len(name) <= MAX_NAME_CHARS and _NAME_RE.fullmatch(name)):
         raise FinetuneError(f"fine-tune name {name!r} is refused: use 1 to {MAX_NAME_CHARS} characters among "
                             "letters, digits, '-', '_' and '.', not starting with '.'")
+    if name in RESERVED_NAMES:
+        raise FinetuneError(f"fine-tune name {name!r} is reserved: GET .../ai/finetunes/{name} lists the public "
+                            "fine-tunes, so this one could not be fetched by name; pick another name")
     if not isinstance(model, str) or not model.strip():
         raise FinetuneError(f"model {model!r} is refused: give the base model's name, "
                             "e.g. '@cf/google/gemma-2b-it-lora'")

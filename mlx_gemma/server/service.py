@@ -10,6 +10,10 @@ Contract:
 - `service.open_stream(ids, params, lora)`: an `AsyncTextStream` fed by the engine thread;
   a full engine queue raises ApiError 3040 at once. Iterating it never blocks the event loop;
   `cancel()` (or leaving an `async with`) frees the request's row at the engine's next step.
+- Engine errors surface where the stream is read (its first item, `text()`, iteration) as
+  ApiErrors: every resident adapter in use when the request starts is 429 (3040, naming the
+  limit); its adapter re-uploaded or deleted after `resolve_lora` and before it started is 409
+  (3037, "send it again"). Any other engine error is raised as it is (a 500).
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from ..lora.adapters import check_adapter_files
 from ..lora.store import AdapterBusyError, Finetune, FinetuneNotFound, FinetuneStore
 from ..runtime import Pieces, Runtime, Usage
 from ..sampler import GenerationParams
-from .schema import bad_input, finetune_incomplete, finetune_not_found, out_of_capacity, unknown_model
+from .schema import ApiError, bad_input, finetune_incomplete, finetune_not_found, out_of_capacity, unknown_model
 
 T = TypeVar("T")
 FINETUNE_KEY = "finetune:"
@@ -47,6 +51,13 @@ class Settings:
     served_names: list[str] = field(default_factory=list)
 
 
+def adapter_changed(lora: str) -> ApiError:
+    """The adapter a request resolved was re-uploaded or deleted before the engine started it."""
+    what = f"fine-tune {lora.split(':')[1]!r}" if lora.startswith(FINETUNE_KEY) else f"adapter {lora!r}"
+    return ApiError(409, 3037, f"AiError: Finetune changed: {what} was re-uploaded or deleted after this "
+                               "request named it and before it started: send the request again")
+
+
 class AsyncTextStream:
     """Text pieces of one request, read on the event loop from the engine thread's steps."""
 
@@ -54,6 +65,9 @@ class AsyncTextStream:
         loop = asyncio.get_running_loop()
         self._items: asyncio.Queue[StepOutput | BaseException] = asyncio.Queue()
         self._pieces = Pieces(runtime.tokenizer.detokenizer(), runtime.tokenizer.stop_ids)
+        self._registry = runtime.registry
+        fused = runtime.fused
+        self._adapter = None if lora is None or (fused and lora == fused["name"]) else lora
         self.n_prompt = len(ids)
         emit = lambda item: loop.call_soon_threadsafe(self._items.put_nowait, item)  # noqa: E731
         self._request = runtime.submit(ids, params, lora, emit)
@@ -71,9 +85,22 @@ class AsyncTextStream:
 
     async def __anext__(self) -> str:
         while self._pieces.finish_reason is None:
-            if piece := self._pieces.take(await self._items.get()):
+            item = await self._items.get()
+            if isinstance(item, BaseException):
+                item = self._api_error(item)
+            if piece := self._pieces.take(item):
                 return piece
         raise StopAsyncIteration
+
+    def _api_error(self, exc: BaseException) -> BaseException:
+        """The ApiError an engine error means for the client, or the error itself (a 500)."""
+        if isinstance(exc, AdapterBusyError):
+            return out_of_capacity(str(exc))
+        adapter = self._adapter
+        if isinstance(exc, ValueError) and adapter is not None and not self._pieces.token_ids \
+                and adapter not in self._registry.names():
+            return adapter_changed(adapter)  # acquire found it gone: a re-upload or delete forgot it
+        return exc
 
     async def text(self) -> str:
         try:
