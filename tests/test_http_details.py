@@ -131,11 +131,12 @@ def test_strip_trailing_slash_rewrites_path_and_raw_path_only() -> None:
     middleware = StripTrailingSlash(inner)
     scopes = [{"type": "http", "path": "/a/b/", "raw_path": b"/a/b/", "query_string": b"x=1"},
               {"type": "http", "path": "/", "raw_path": b"/"}, {"type": "http", "path": "/a"},
-              {"type": "lifespan"}]
+              {"type": "http", "path": "/run/m/", "raw_path": b"/run/m%2F"}, {"type": "lifespan"}]
     for scope in scopes:
         asyncio.run(middleware(scope, None, None))
     assert seen == [{"type": "http", "path": "/a/b", "raw_path": b"/a/b", "query_string": b"x=1"},
                     {"type": "http", "path": "/", "raw_path": b"/"}, {"type": "http", "path": "/a"},
+                    {"type": "http", "path": "/run/m/", "raw_path": b"/run/m%2F"},  # an encoded slash is kept
                     {"type": "lifespan"}]
     assert scopes[0]["path"] == "/a/b/"  # the caller's scope is left as it was
 

@@ -97,17 +97,18 @@ async def server_error(request: Request, exc: Exception) -> Response:
 
 
 class StripTrailingSlash:
-    """ASGI middleware: `/a/b/` is routed as `/a/b` (path and raw_path); `/` stays as it is."""
+    """ASGI middleware: `/a/b/` is routed as `/a/b` (path and raw_path); `/` stays as it is. Only a
+    slash sent as such counts: a percent-encoded one (`%2F`, part of a model name) is kept."""
 
     def __init__(self, app: ASGIApp):
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        path = scope.get("path", "")
-        if scope["type"] in ("http", "websocket") and len(path) > 1 and path.endswith("/"):
+        path, raw = scope.get("path", ""), scope.get("raw_path")
+        sent = raw if isinstance(raw, bytes) else path.encode()
+        if scope["type"] in ("http", "websocket") and len(path) > 1 and path.endswith("/") and sent.endswith(b"/"):
             scope = {**scope, "path": path[:-1]}
-            raw = scope.get("raw_path")
-            if isinstance(raw, bytes) and len(raw) > 1 and raw.endswith(b"/"):
+            if isinstance(raw, bytes):
                 scope["raw_path"] = raw[:-1]
         await self.app(scope, receive, send)
 

@@ -126,7 +126,7 @@ MUTATIONS: dict[str, tuple[Mutator, tuple[int, int]]] = {  # name -> (mutator, e
     "no text": (_no_text, BAD_INPUT), "text of another type": (_bad_text, BAD_INPUT),
     "unknown role": (_unknown_role, BAD_INPUT), "sampling out of range": (_out_of_range, BAD_INPUT),
     "max_tokens below 1": (_too_few_tokens, BAD_INPUT),
-    "n other than 1": (_set("n", json_values().filter(lambda n: n != 1)), BAD_INPUT),
+    "n other than 1": (_set("n", json_values().filter(lambda n: n not in (None, 1))), BAD_INPUT),  # null: unset
     "bad stop": (_set("stop", json_values().filter(stop_refused)), BAD_INPUT),
     "unsupported feature": (_unsupported, BAD_INPUT),
     "model not a string": (_set("model", json_values().filter(lambda m: m is not None and not isinstance(m, str))),
