@@ -10,8 +10,8 @@ suffix, n or best_of other than 1, and a response_format other than text are ref
 ignored. `/v1/completions` tokenizes the prompt as given (no chat template). `stop` strings end
 the text before the stop string. Streams end with `data: [DONE]`; with
 `stream_options.include_usage` a last chunk carries the usage. `GET /v1/models/{id}` returns one
-row of the list. The same routes are mounted
-under /client/v4/accounts/{account_id}/ai/v1/. Errors: OpenAI's `{"error": {...}}` (app.py).
+row of the list. The same routes are mounted under /client/v4/accounts/{account_id}/ai/v1/.
+Errors: OpenAI's `{"error": {...}}` (app.py).
 """
 
 from __future__ import annotations
