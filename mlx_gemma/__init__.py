@@ -16,6 +16,7 @@ _platform.preload_openblas()
 from pathlib import Path  # noqa: E402
 
 from .loading import ModelLoadError, load_model  # noqa: E402
+from .lora.adapters import AdapterLimits  # noqa: E402
 from .runtime import GenerationResult, Runtime, TextStream, Usage  # noqa: E402
 from .sampler import GenerationParams  # noqa: E402
 
@@ -25,7 +26,7 @@ __version__ = "0.1.0"
 
 def load(model: str | Path, adapters: dict[str, str] | None = None, dtype: str | None = None,
          quantize: int | None = None, fuse: str | None = None, max_resident_adapters: int = 8,
-         max_queue: int = 64, max_batch: int = 8) -> Runtime:
+         max_queue: int = 64, max_batch: int = 8, max_adapter_rank: int = 32) -> Runtime:
     """Load a model (a local directory or a Hugging Face id) and return a Runtime.
 
     adapters: {name: directory} of LoRA adapters (PEFT or mlx-lm files), each usable per call
@@ -35,11 +36,13 @@ def load(model: str | Path, adapters: dict[str, str] | None = None, dtype: str |
     max_resident_adapters: adapters kept in memory at once (others reload on demand).
     max_queue: requests that may wait for the engine before new ones are refused.
     max_batch: requests the engine decodes together.
+    max_adapter_rank: the largest LoRA rank an adapter may have (Cloudflare's limit is 32).
     """
     adapters = dict(adapters or {})
     if fuse is not None and fuse not in adapters:
         raise ValueError(f"fuse={fuse!r} names no adapter: pass adapters={{{fuse!r}: path}} too")
-    runtime = Runtime(load_model(model, dtype=dtype, quantize=quantize), max_resident_adapters, max_queue, max_batch)
+    runtime = Runtime(load_model(model, dtype=dtype, quantize=quantize), max_resident_adapters, max_queue, max_batch,
+                      AdapterLimits(max_rank=max_adapter_rank))
     if fuse is not None:
         runtime.fuse_adapter(fuse, adapters.pop(fuse))
     for name, path in adapters.items():

@@ -83,6 +83,8 @@ def add_serve_parser(commands: Any) -> None:
     serve.add_argument("--max-batch", type=int, default=8, help="rows decoded together")
     serve.add_argument("--max-queue", type=int, default=64, help="requests that may wait; more get 429")
     serve.add_argument("--max-resident-adapters", type=int, default=8)
+    serve.add_argument("--max-adapter-rank", type=int, default=32, help="largest LoRA rank accepted (default 32)")
+    serve.add_argument("--max-upload-mb", type=int, default=300, help="largest fine-tune file accepted (default 300)")
     serve.set_defaults(func=cmd_serve)
 
 
@@ -161,13 +163,15 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     resolve_model(args)
     adapters = dict(args.adapter)
-    for name, value in (("--max-batch", args.max_batch), ("--max-queue", args.max_queue)):
+    for name, value in (("--max-batch", args.max_batch), ("--max-queue", args.max_queue),
+                        ("--max-adapter-rank", args.max_adapter_rank), ("--max-upload-mb", args.max_upload_mb)):
         if value < 1:
             raise ValueError(f"{name} {value}: give a positive number")
     runtime = mlx_gemma.load(args.model, adapters=adapters, dtype=args.dtype, quantize=args.quantize, fuse=args.fuse,
                              max_resident_adapters=args.max_resident_adapters, max_queue=args.max_queue,
-                             max_batch=args.max_batch)
-    settings = Settings(data_dir=args.data_dir or default_data_dir(), api_token=args.api_token or None)
+                             max_batch=args.max_batch, max_adapter_rank=args.max_adapter_rank)
+    settings = Settings(data_dir=args.data_dir or default_data_dir(), api_token=args.api_token or None,
+                        max_upload_bytes=args.max_upload_mb * 1024 * 1024)
     app = build_app(runtime, settings)
     _log_serving(app.state.service, args)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")

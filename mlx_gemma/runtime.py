@@ -34,7 +34,7 @@ from .chat import prompt_ids
 from .engine import EngineThread, Request, StepOutput, check_prompt_length
 from .loading import LoadedModel
 from .lora import layers
-from .lora.adapters import FAMILIES
+from .lora.adapters import FAMILIES, AdapterLimits
 from .lora.store import AdapterRegistry
 from .sampler import GenerationParams
 
@@ -128,14 +128,14 @@ class TextStream:
 
 class Runtime:
     def __init__(self, loaded: LoadedModel, max_resident_adapters: int = 8, max_queue: int = 64,
-                 max_batch: int = 8):
+                 max_batch: int = 8, adapter_limits: AdapterLimits = AdapterLimits()):
         self.loaded = loaded
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.name = loaded.name
         self.fused: dict[str, Any] | None = None
         family = FAMILIES[loaded.config["model_type"]]
-        self.registry = AdapterRegistry(self.model, family, max_resident=max_resident_adapters)
+        self.registry = AdapterRegistry(self.model, family, max_resident=max_resident_adapters, limits=adapter_limits)
         self.engine = EngineThread(self.model, self.tokenizer.stop_ids, loaded.context_length,
                                    max_queue=max_queue, max_batch=max_batch)
 

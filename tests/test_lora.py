@@ -207,7 +207,7 @@ def drop_config(path: Path) -> Path:
 
 REFUSALS = {
     "dora": (lambda p: edit_config(p, use_dora=True), "DoRA adapters are not served"),
-    "modules_to_save": (lambda p: edit_config(p, modules_to_save=["lm_head"]), "modules_to_save ['lm_head'] is not served"),
+    "modules_to_save": (lambda p: edit_config(p, modules_to_save=["lm_head"]), "modules_to_save ['lm_head'] is refused"),
     "bias": (lambda p: edit_config(p, bias="all"), "bias 'all' is not served"),
     "model_type": (lambda p: edit_config(p, model_type="llama"), "model_type 'llama' is not this base's family (gemma)"),
     "pickled": (pickle_weights, "pickled adapter_model.bin weights are refused"),
@@ -233,6 +233,32 @@ def test_refused_adapters_leave_the_runtime_serving(tiny_dir, tmp_path, case):
     assert message in str(err.value)
     assert [a["name"] for a in runtime.adapters()] == ["good"]
     np.testing.assert_allclose(runtime.logits(ids, lora="good"), expected, atol=1e-4)
+
+
+def test_a_module_named_in_full_is_adapted_whatever_layers_to_transform_says(tiny_dir, tmp_path):
+    # PEFT's rule: layers_to_transform filters only the modules matched by suffix.
+    kept = ("model.layers.0.self_attn.q_proj.", "model.layers.1.self_attn.v_proj.")
+    path = edit_tensors(copy_adapter(tmp_path), lambda t: {k: v for k, v in t.items() if any(m in k for m in kept)})
+    edit_config(path, target_modules=["model.layers.0.self_attn.q_proj", "v_proj"], layers_to_transform=[1])
+    runtime = mlx_gemma.load(tiny_dir, adapters={"named": str(path)})
+    assert runtime.adapters()[0]["modules"] == 2
+    stray = edit_tensors(copy_adapter(tmp_path, "second_all7_r8"), lambda t: {k: v for k, v in t.items() if
+                                                                             "layers.0.self_attn.v_proj." in k})
+    edit_config(stray, target_modules=["model.layers.0.self_attn.q_proj", "v_proj"], layers_to_transform=[1])
+    with pytest.raises(AdapterError, match="layers.0.self_attn.v_proj has weights but target_modules"):
+        runtime.add_adapter("stray", str(stray))
+
+
+@pytest.mark.parametrize("params, message", [
+    ({"rank": 8, "alpha": 16}, "lora_parameters has no 'scale' (mlx-lm's scale plays the part of alpha / rank"),
+    ({"rank": 8, "scale": "2"}, "lora_parameters.scale '2' is refused: give a finite number"),
+])
+def test_an_mlx_lm_config_needs_a_numeric_scale(tiny_dir, tmp_path, params, message):
+    path = to_mlx_lm(ADAPTERS / "all7_r8", tmp_path / "m")
+    (path / "adapter_config.json").write_text(json.dumps({"fine_tune_type": "lora", "lora_parameters": params}))
+    with pytest.raises(AdapterError) as err:
+        mlx_gemma.load(tiny_dir, adapters={"m": str(path)})
+    assert message in str(err.value)
 
 
 def test_every_problem_is_listed_at_once(tiny_dir, tmp_path):

@@ -171,6 +171,17 @@ def test_body_over_the_limit_is_413(server_runtime: mlx_gemma.Runtime, tmp_path:
     assert response.json()["errors"][0]["code"] == 3006
 
 
+def test_the_server_limits_reach_adapter_validation(tiny_dir: Path, tmp_path: Path) -> None:
+    runtime = mlx_gemma.load(tiny_dir, max_adapter_rank=4)
+    app = build_app(runtime, Settings(data_dir=tmp_path, max_upload_bytes=400 * 1024 * 1024))
+    assert runtime.registry.limits.max_file_bytes == 400 * 1024 * 1024  # the default 300 MB no longer applies
+    with TestClient(app) as small:
+        create_finetune(small, "rank8", files={"adapter_config.json": (ADAPTER / "adapter_config.json").read_bytes()})
+        response = upload(small, "rank8", "adapter_model.safetensors", (ADAPTER / "adapter_model.safetensors").read_bytes())
+    assert response.status_code == 400
+    assert "rank 8 is over the limit of 4" in response.json()["errors"][0]["message"]
+
+
 def test_finetune_lifecycle_and_lora_by_name_and_id(client: TestClient, reference: mlx_gemma.Runtime) -> None:
     created = create_finetune(client, "sql-helper")
     assert set(created) == {"id", "name", "model", "description", "public", "created_at", "modified_at"}

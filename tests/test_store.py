@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import os
 import signal
 import struct
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -129,13 +131,6 @@ def test_list_is_oldest_first_and_filters_public(store):
     assert [f.name for f in store.list(public_only=True)] == ["c", "b"]
 
 
-def test_lookup_by_id_comes_before_name(store):
-    first = store.create(MODEL, "first")
-    second = store.create(MODEL, first.id)  # a name that happens to equal another fine-tune's id
-    assert store.get(first.id) == first
-    assert store.get(second.name).id == first.id
-
-
 def test_duplicate_name_is_refused(store):
     store.create(MODEL, "dup")
     error = assert_refused(store, FinetuneExists, "'dup'", store.create, MODEL, "dup")
@@ -167,6 +162,14 @@ def test_bad_names_are_refused(store, name):
     store.create(MODEL, "kept")
     error = assert_refused(store, FinetuneError, "letters, digits", store.create, MODEL, name)
     assert repr(name) in str(error) and not isinstance(error, AssetError)
+
+
+def test_a_name_shaped_like_an_id_is_refused(store):
+    other = store.create(MODEL, "first")
+    for name in (other.id, str(uuid.uuid4()).upper()):
+        error = assert_refused(store, FinetuneError, "form of a fine-tune id", store.create, MODEL, name)
+        assert repr(name) in str(error)
+    assert store.get(other.id).name == "first"
 
 
 def test_longest_and_dotted_names_are_accepted(store):
@@ -294,10 +297,26 @@ def test_corrupt_safetensors_are_refused_next_to_a_config(store):
     (config_bytes(use_dora=True), "DoRA adapters are not served"),
     (config_bytes(bias="all"), "bias 'all'"),
     (config_bytes(model_type="llama"), "model_type 'llama'"),
+    # values the math reads: named at the config's upload, not a crash when the weights arrive
+    (config_bytes(r=0), "r 0 is refused: the rank must be a whole number >= 1"),
+    (config_bytes(r="four"), "r 'four' is refused"),
+    (config_bytes(lora_alpha=None), "lora_alpha None is refused: give a finite number"),
+    (config_bytes(rank_pattern=["q_proj"]), "rank_pattern ['q_proj'] is refused"),
+    (config_bytes(alpha_pattern={"q_proj": "big"}), "alpha_pattern entries {'q_proj': 'big'} are refused"),
+    (config_bytes(target_modules="(("), "target_modules '((' is refused"),
+    (config_bytes(target_modules=5), "target_modules 5 is refused"),
+    (config_bytes(layers_to_transform="1"), "layers_to_transform '1' is refused"),
+    (config_bytes(use_rslora="yes"), "use_rslora 'yes' is refused"),
+    # PEFT features that change the math beyond W x + s B A x
+    (config_bytes(alora_invocation_tokens=[5, 6]), "alora_invocation_tokens [5, 6] is refused: activated LoRA"),
+    (config_bytes(layer_replication=[[0, 1], [0, 1]]), "layer_replication [[0, 1], [0, 1]] is refused"),
+    (config_bytes(init_lora_weights="pissa_niter_4"), "init_lora_weights 'pissa_niter_4' is refused"),
+    (config_bytes(init_lora_weights="olora"), "path_initial_model_for_weight_conversion"),
+    (config_bytes(lora_bias=True), "lora_bias True is refused"),
 ])
 def test_bad_configs_are_refused(store, content, match):
     store.create(MODEL, "configured")
-    assert_refused(store, AssetError, match, store.add_asset, "configured", CONFIG, content)
+    assert_refused(store, AssetError, re.escape(match), store.add_asset, "configured", CONFIG, content)
 
 
 def test_dora_is_refused_without_a_base_too(bare_store):

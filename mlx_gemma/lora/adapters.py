@@ -13,10 +13,14 @@ path ("model.layers.3.self_attn.q_proj") to `LoRAWeights(a, b)` with `a` (in, r)
   `layers_to_transform` select.
 - mlx-lm: `adapter_config.json` with `lora_parameters: {rank, scale}` + `adapters.safetensors`
   with `...q_proj.lora_a` (in, r) and `lora_b` (r, out); scale as stored.
-Refused, each with its reason: DoRA, `modules_to_save`, `bias` other than "none", other PEFT
-types, pickled `.bin` weights, unknown modules, mismatched shapes, rank over the limit (default
-32), files over the size limit (default 300 MB), non-finite weights, an adapter `model_type`
-of another family than the base.
+Refused, each with its reason: PEFT features that change the math beyond `W x + s B A x`
+(DoRA, `modules_to_save`, `bias` other than "none", aLoRA, layer replication and the other
+fields of `_REFUSED_PEFT_FIELDS`; PiSSA, CorDA, OLoRA and LoftQ initialisations, which change
+the base weights), config values of the wrong type or range (named, before any weight is read),
+an mlx-lm config without `lora_parameters.scale` (as mlx-lm itself), other PEFT types, pickled
+`.bin` weights, unknown modules, mismatched shapes, rank over the limit (default 32), files over
+the size limit (default 300 MB), non-finite weights, an adapter `model_type` of another family
+than the base.
 
 `check_adapter_files(path, base)` validates whatever PEFT files a directory holds so far (an
 upload may bring one file at a time): each present file is checked alone first, the config
@@ -107,6 +111,8 @@ def read_adapter(path: str | Path, base: BaseInfo, name: str | None = None,
         raise AdapterError(path, problems)
     fmt = "peft" if weights_file.name == PEFT_WEIGHTS else "mlx-lm"
     _check_config(config, fmt, base.family, problems)
+    if problems:  # the module math below reads the config's values
+        raise AdapterError(path, problems)
     tensors = _load_tensors(weights_file, problems)
     modules = (_peft_modules if fmt == "peft" else _mlx_lm_modules)(config, tensors, base, limits, problems)
     if problems or not modules:
@@ -266,23 +272,115 @@ def _read_config(file: Path, problems: list[str]) -> dict | None:
     return config
 
 
+# PEFT config fields that change what the adapter computes beyond `W x + s B A x`, when set.
+_REFUSED_PEFT_FIELDS = {
+    "use_dora": "DoRA adapters are not served (train with use_dora=False)",
+    "modules_to_save": "only LoRA weights can be applied, not whole trained modules",
+    "trainable_token_indices": "trained embedding rows are not served",
+    "lora_bias": "a bias on lora_B is not served (train with lora_bias=False)",
+    "alora_invocation_tokens": "activated LoRA (aLoRA) applies only after its invocation tokens, which is not served",
+    "layer_replication": "replicated base layers are not served",
+    "target_parameters": "LoRA on raw parameters (not linear layers) is not served",
+    "use_qalora": "QA-LoRA is not served",
+    "use_bdlora": "block-diagonal LoRA is not served",
+    "arrow_config": "Arrow routing between adapters is not served",
+    "kasa_config": "KaSA adapters are not served",
+    "monteclora_config": "MonteCLoRA adapters are not served",
+}
+# init_lora_weights values with which PEFT changes the base weights, so W + s B A is not the trained model.
+_BASE_CHANGING_INITS = ("pissa", "corda", "olora", "loftq")
+
+
 def _check_config(config: dict, fmt: str, family: str, problems: list[str]) -> None:
     model_type = config.get("model_type")
     if model_type is not None and FAMILIES.get(model_type) != family:
         problems.append(f"model_type {model_type!r} is not this base's family ({family})")
     if fmt == "mlx-lm":
-        kind = config.get("fine_tune_type", "lora")
-        if kind != "lora":
-            problems.append(f"fine_tune_type {kind!r} is not served: only LoRA adapters are")
+        _check_mlx_lm_config(config, problems)
         return
     if config.get("peft_type", "LORA") != "LORA":
         problems.append(f"peft_type {config.get('peft_type')!r} is not served: only LORA adapters are")
-    if config.get("use_dora"):
-        problems.append("use_dora is true: DoRA adapters are not served (train with use_dora=False)")
-    if config.get("modules_to_save"):
-        problems.append(f"modules_to_save {config['modules_to_save']!r} is not served: only LoRA weights can be applied")
+    for name, reason in _REFUSED_PEFT_FIELDS.items():
+        if config.get(name) not in (None, False, [], {}, ""):
+            problems.append(f"{name} {config[name]!r} is refused: {reason}")
     if config.get("bias", "none") != "none":
         problems.append(f"bias {config.get('bias')!r} is not served: train with bias='none'")
+    init = config.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
+        problems.append(f"init_lora_weights {init!r} is refused: it changes the base weights, so the adapter "
+                        "alone is not the trained model; save it with PEFT's save_pretrained(..., "
+                        "path_initial_model_for_weight_conversion=...) to convert it to plain LoRA")
+    _check_peft_values(config, problems)
+
+
+def _check_peft_values(config: dict, problems: list[str]) -> None:
+    """The types and ranges of the fields the math reads, so a bad value is named, not a crash later."""
+    if "r" in config and not _is_rank(config["r"]):
+        problems.append(f"r {config['r']!r} is refused: the rank must be a whole number >= 1")
+    if "lora_alpha" in config and not _is_finite_number(config["lora_alpha"]):
+        problems.append(f"lora_alpha {config['lora_alpha']!r} is refused: give a finite number")
+    if not isinstance(config.get("use_rslora", False), bool):
+        problems.append(f"use_rslora {config['use_rslora']!r} is refused: give true or false")
+    _check_patterns(config, "rank_pattern", _is_rank, "whole numbers >= 1", problems)
+    _check_patterns(config, "alpha_pattern", _is_finite_number, "finite numbers", problems)
+    targets = config.get("target_modules")
+    if not (targets is None or isinstance(targets, str) and _compiles(targets) or _is_str_list(targets)):
+        problems.append(f"target_modules {targets!r} is refused: give a list of module names or one regular expression")
+    layers = config.get("layers_to_transform")
+    if not (layers is None or _is_count(layers) or isinstance(layers, list) and all(_is_count(i) for i in layers)):
+        problems.append(f"layers_to_transform {layers!r} is refused: give a layer index or a list of them")
+    pattern = config.get("layers_pattern")
+    if not (pattern is None or isinstance(pattern, str) and _compiles(pattern) or _is_str_list(pattern)):
+        problems.append(f"layers_pattern {pattern!r} is refused: give a regular expression or a list of them")
+
+
+def _check_patterns(config: dict, field_name: str, valid: Any, wanted: str, problems: list[str]) -> None:
+    patterns = config.get(field_name)
+    if patterns is None:
+        return
+    if not isinstance(patterns, dict):
+        problems.append(f"{field_name} {patterns!r} is refused: give an object of module pattern -> value")
+        return
+    bad = {k: v for k, v in patterns.items() if not (_compiles(k) and valid(v))}
+    if bad:
+        problems.append(f"{field_name} entries {bad!r} are refused: keys must be regular expressions, values {wanted}")
+
+
+def _check_mlx_lm_config(config: dict, problems: list[str]) -> None:
+    kind = config.get("fine_tune_type", "dora" if config.get("use_dora") else "lora")
+    if kind != "lora":
+        problems.append(f"fine_tune_type {kind!r} is not served: only LoRA adapters are")
+    params = config.get("lora_parameters")
+    if not isinstance(params, dict):
+        problems.append(f"lora_parameters {params!r} is refused: mlx-lm writes an object with rank and scale")
+        return
+    if "scale" not in params:
+        hint = " (mlx-lm's scale plays the part of alpha / rank; it reads no 'alpha')" if "alpha" in params else ""
+        problems.append(f"lora_parameters has no 'scale'{hint}: add the scale the adapter was trained with")
+    elif not _is_finite_number(params["scale"]):
+        problems.append(f"lora_parameters.scale {params['scale']!r} is refused: give a finite number")
+    if "rank" in params and not _is_rank(params["rank"]):
+        problems.append(f"lora_parameters.rank {params['rank']!r} is refused: give a whole number >= 1")
+
+
+def _is_rank(value: Any) -> bool:
+    return _is_count(value) and value >= 1
+
+
+def _is_finite_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_str_list(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(item, str) and _compiles(item) for item in value)
+
+
+def _compiles(pattern: str) -> bool:
+    try:
+        re.compile(pattern)
+    except re.error:
+        return False
+    return True
 
 
 def _load_tensors(file: Path, problems: list[str]) -> dict[str, mx.array]:
@@ -313,9 +411,9 @@ def _peft_targets(config: dict, module: str) -> bool:
     if isinstance(targets, str):
         return re.fullmatch(targets, module) is not None
     targets = list(targets or [])
-    if not (module in targets or any(module.endswith(f".{t}") for t in targets)):
-        return False
-    return _in_layers(config, module)
+    if module in targets:
+        return True  # as PEFT: a module named in full is adapted whatever layers_to_transform says
+    return any(module.endswith(f".{t}") for t in targets) and _in_layers(config, module)
 
 
 def _in_layers(config: dict, module: str) -> bool:
@@ -368,8 +466,7 @@ def _peft_modules(config: dict, tensors: dict[str, mx.array], base: BaseInfo, li
 
 def _mlx_lm_modules(config: dict, tensors: dict[str, mx.array], base: BaseInfo, limits: AdapterLimits,
                     problems: list[str]) -> dict[str, LoRAWeights]:
-    params = config.get("lora_parameters") or {}
-    scale = float(params.get("scale", 20.0))
+    scale = float(config["lora_parameters"]["scale"])
 
     def split(key: str) -> tuple[str, str] | None:
         match = re.fullmatch(r"(.+)\.lora_(a|b)", key)

@@ -25,8 +25,9 @@ PEFT files (`ASSET_NAMES`) in `<data_dir>/finetunes/<id>/`; uploads stream into 
   upload to a linked directory is refused) and opening the store removes the link, never its
   target; a linked `tmp/` is replaced by a real directory; a linked `finetunes/` is refused.
 Every refusal is a `FinetuneError` (a ValueError) whose message names the bad value and the fix.
-Names are 1 to 128 characters among letters, digits, `-`, `_` and `.` (not first), unique, and
-not one of `RESERVED_NAMES` (`public`: `GET finetunes/public` is the public listing).
+Names are 1 to 128 characters among letters, digits, `-`, `_` and `.` (not first), unique, not
+shaped like an id (lookups try ids first), and not one of `RESERVED_NAMES` (`public`:
+`GET finetunes/public` is the public listing).
 `is_disk_full(exc)` tells a full disk (or quota) apart from other errors; the store is unchanged then.
 One process owns a data directory (opening it clears `tmp/`); threads within it may share the store.
 """
@@ -182,6 +183,7 @@ RESERVED_NAMES = frozenset({"public"})  # a route of its own under finetunes/
 MAX_DESCRIPTION_CHARS = 1024
 UPLOAD_CHUNK_BYTES = 1024 * 1024
 _NAME_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*")
+_ID_RE = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 _COLUMNS = ("id", "name", "model", "description", "public", "created_at", "modified_at")
 _SCHEMA = """CREATE TABLE IF NOT EXISTS finetunes (
     id TEXT PRIMARY KEY,
@@ -417,6 +419,9 @@ def _check_fields(model: Any, name: Any, description: Any, public: Any) -> None:
     if not (isinstance(name, str) and len(name) <= MAX_NAME_CHARS and _NAME_RE.fullmatch(name)):
         raise FinetuneError(f"fine-tune name {name!r} is refused: use 1 to {MAX_NAME_CHARS} characters among "
                             "letters, digits, '-', '_' and '.', not starting with '.'")
+    if _ID_RE.fullmatch(name):
+        raise FinetuneError(f"fine-tune name {name!r} is refused: it has the form of a fine-tune id, and lookups "
+                            "try ids before names, so it could hide another fine-tune; pick a name that is not a UUID")
     if name in RESERVED_NAMES:
         raise FinetuneError(f"fine-tune name {name!r} is reserved: GET .../ai/finetunes/{name} lists the public "
                             "fine-tunes, so this one could not be fetched by name; pick another name")

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -121,6 +121,8 @@ class Service:
     def __init__(self, runtime: Runtime, settings: Settings, store: FinetuneStore | None = None):
         self.runtime = runtime
         self.settings = settings
+        # The upload limit bounds every adapter file this server reads: uploads, and fine-tunes loaded later.
+        runtime.registry.limits = replace(runtime.registry.limits, max_file_bytes=settings.max_upload_bytes)
         self.store = store or FinetuneStore(settings.data_dir, validate=self._validate_files,
                                             max_file_bytes=settings.max_upload_bytes)
 
@@ -139,7 +141,8 @@ class Service:
 
     def _validate_files(self, directory: Path) -> None:
         base = self.runtime.registry.base_info()
-        self.runtime.engine.run(lambda: check_adapter_files(directory, base))
+        limits = self.runtime.registry.limits
+        self.runtime.engine.run(lambda: check_adapter_files(directory, base, limits))
 
     async def on_engine(self, fn: Callable[[], T]) -> T:
         return await asyncio.wrap_future(self.runtime.engine.call(fn))
