@@ -13,8 +13,11 @@ through a bounded queue (`QueueFullError` when `max_queue` are waiting); a waiti
 prompt is read one chunk per engine step, then its row joins the running batch (at most
 `max_batch` rows, each with its own adapter slot and sampler, decoded together); each
 `Request` streams its steps back through its `emit` callback, and a cancelled request leaves
-at its next step. Other MLX work (loading an
-adapter, a logits pass) runs on the same thread through `call`/`run`.
+at its next step (a cancelled one still waiting gives its queue place back at once). An error
+in one request's prefill ends that request; an error in the batch's step ends every request
+in the batch with it, and the engine goes on with the next. Other MLX work (loading an
+adapter, a logits pass) runs on the same thread through `call`/`run`. `close()` (also run at
+interpreter exit) stops the thread after the work in flight is evaluated.
 """
 
 from __future__ import annotations
@@ -139,12 +142,12 @@ class PrefixCache:
 
     Keyed by the adapter's content (its hash, or "base") and the prompt's token ids, so a
     re-uploaded adapter under an old name never sees the old adapter's cache. Holds at most
-    `max_prompts` prompts and `max_tokens` positions in all, evicting the least recently used
-    prompt first.
+    `max_prompts` prompts and `max_bytes` of keys and values in all (a token costs about 36 KB
+    on Gemma-2B and 0.9 MB on Gemma-7B in float32), evicting the least recently used prompt first.
     """
 
-    def __init__(self, max_tokens: int = 32768, max_prompts: int = 32, min_match: int = 8):
-        self.max_tokens = max_tokens
+    def __init__(self, max_bytes: int = 512 * 1024 * 1024, max_prompts: int = 32, min_match: int = 8):
+        self.max_bytes = max_bytes
         self.max_prompts = max_prompts
         self.min_match = min_match
         self._entries: collections.OrderedDict[tuple[str, tuple[int, ...]], list[KVCache]] = collections.OrderedDict()
@@ -161,15 +164,24 @@ class PrefixCache:
         self._entries.move_to_end(best)
         return best_n, [_cache_prefix(cache, best_n) for cache in self._entries[best]]
 
+    def clear(self) -> None:
+        self._entries.clear()
+
     def store(self, key: str, ids: Sequence[int], caches: list[KVCache]) -> None:
-        if len(ids) < self.min_match or len(ids) > self.max_tokens:
+        if len(ids) < self.min_match:
             return
         compact = [_cache_prefix(cache, len(ids)) for cache in caches]
+        if _nbytes(compact) > self.max_bytes:
+            return
         mx.eval([c.state for c in compact])
         self._entries[(key, tuple(ids))] = compact
         self._entries.move_to_end((key, tuple(ids)))
-        while len(self._entries) > self.max_prompts or sum(len(k[1]) for k in self._entries) > self.max_tokens:
+        while len(self._entries) > self.max_prompts or sum(map(_nbytes, self._entries.values())) > self.max_bytes:
             self._entries.popitem(last=False)
+
+
+def _nbytes(caches: list[KVCache]) -> int:
+    return sum(array.nbytes for cache in caches for array in cache.state)
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int], limit: int) -> int:
@@ -278,8 +290,11 @@ class EngineThread:
         self._pending: collections.deque[Request] = collections.deque()
         self._jobs: queue.SimpleQueue[Request | tuple[Callable[[], Any], Future] | None] = queue.SimpleQueue()
         self._count_lock = threading.Lock()
+        self._closing = False
+        self._closed = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="mlx-gemma-engine", daemon=True)
         self._thread.start()
+        _close_at_exit(self)
 
     @property
     def active(self) -> int:
@@ -287,17 +302,24 @@ class EngineThread:
         return len(self._rows)
 
     def submit(self, request: Request) -> None:
-        with self._count_lock:
+        with self._count_lock:  # with close(): nothing is queued behind the stop
+            self._check_open()
             if self.waiting >= self.max_queue:
                 raise QueueFullError(f"{self.waiting} requests are already waiting (max_queue={self.max_queue}): "
                                      "retry shortly, or start the server with a larger --max-queue")
             self.waiting += 1
-        self._jobs.put(request)
+            self._jobs.put(request)
 
     def call(self, fn: Callable[[], T]) -> "Future[T]":
         future: Future[T] = Future()
-        self._jobs.put((fn, future))
+        with self._count_lock:
+            self._check_open()
+            self._jobs.put((fn, future))
         return future
+
+    def _check_open(self) -> None:
+        if self._closing:
+            raise RuntimeError("this runtime is closed: load the model again to use it")
 
     def run(self, fn: Callable[[], T]) -> T:
         if threading.current_thread() is self._thread:
@@ -305,14 +327,65 @@ class EngineThread:
         return self.call(fn).result()
 
     def close(self) -> None:
-        self._jobs.put(None)
-        self._thread.join(timeout=10)
+        """Stop: the step in flight is evaluated, unfinished requests end with an error, and the
+        engine lets go of the model and its caches. Also run at interpreter exit.
+
+        The thread then waits, idle, until the process ends; it never returns. A thread that has
+        run MLX must not end while Python shuts down: its MLX thread-local state is released with
+        the GIL, which a finalizing interpreter no longer hands out, and the process aborts."""
+        with self._count_lock:
+            if self._closing:
+                return
+            self._closing = True
+            self._jobs.put(None)
+        self._closed.wait(timeout=60)
 
     def _loop(self) -> None:
         while self._take_jobs(block=not self._rows and not self._pending and self._prefilling is None):
-            self._admit()
-            if self._rows:
-                self._step()
+            self._drop_cancelled_waiting()
+            try:
+                self._admit()
+                if self._rows:
+                    self._step()
+            except Exception as exc:  # not one request's fault: end every request, keep serving
+                self._fail_all(exc)
+        self._wind_down()
+        threading.Event().wait()  # never returns: see close()
+
+    def _wind_down(self) -> None:
+        if self._inflight is not None:  # MLX must not be evaluating when the interpreter exits
+            mx.eval(self._inflight)
+        mx.synchronize()
+        closed = RuntimeError("this runtime was closed before the request finished")
+        self._fail_all(closed)
+        for request in self._pending:
+            _emit_quietly(request, closed)
+        self._pending.clear()
+        self.model, self._cache, self.prefixes = None, [], PrefixCache()
+        self._closed.set()
+
+    def _drop_cancelled_waiting(self) -> None:
+        """Free the queue places of waiting requests whose clients have gone."""
+        cancelled = [r for r in self._pending if r.cancelled.is_set()]
+        if cancelled:
+            self._pending = collections.deque(r for r in self._pending if not r.cancelled.is_set())
+            self.stats.requests["cancelled"] += len(cancelled)
+            with self._count_lock:
+                self.waiting -= len(cancelled)
+
+    def _fail_all(self, exc: Exception) -> None:
+        """Hand `exc` to every running and prefilling request, release them and start an empty batch."""
+        failed = [row.request for row in self._rows]
+        for row in self._rows:
+            row.release()
+        if self._prefilling is not None:
+            self._prefilling.release()
+            failed.append(self._prefilling.request)
+        self.stats.requests["error"] += len(failed)
+        self._rows, self._prefilling, self._inflight = [], None, None
+        self._cache = [BatchKVCache() for _ in self.model.layers]
+        for request in failed:
+            _emit_quietly(request, exc)
 
     def _take_jobs(self, block: bool) -> bool:
         """Move queued requests to pending and run queued calls; False when told to stop."""
@@ -337,13 +410,14 @@ class EngineThread:
         One chunk per step keeps running rows moving while a long prompt is read."""
         if self._prefilling is None:
             self._prefilling = self._next_prefill()
-        if self._prefilling is not None:
+        job = self._prefilling
+        if job is not None:
             try:
-                self._prefill_chunk(self._prefilling)
+                self._prefill_chunk(job)
             except Exception as exc:  # the request's own failure; the batch goes on
                 self.stats.requests["error"] += 1
-                self._prefilling.release()
-                _emit_quietly(self._prefilling.request, exc)
+                job.release()
+                _emit_quietly(job.request, exc)
                 self._prefilling = None
 
     def _next_prefill(self) -> "_Prefill | None":
@@ -394,9 +468,17 @@ class EngineThread:
         self.stats.prompt_tokens += len(request.prompt_ids)
         self.stats.first_token(time.perf_counter() - request.submitted)
         if self._emit(row):
-            for batch_cache, row_cache in zip(self._cache, job.cache):
+            self._join(row, job.cache)
+
+    def _join(self, row: _Row, caches: list[KVCache]) -> None:
+        """Add a prefilled row to the batch. A failure part way leaves the layers' caches uneven, so
+        the whole batch ends with that error rather than decode from mismatched caches."""
+        self._rows.append(row)
+        try:
+            for batch_cache, row_cache in zip(self._cache, caches):
                 batch_cache.add(row_cache)
-            self._rows.append(row)
+        except Exception as exc:
+            self._fail_all(exc)
 
     def _emit(self, row: _Row) -> bool:
         """Hand the row's new token to its reader; False (and the slot released) when the row is done."""
@@ -468,6 +550,16 @@ class EngineThread:
         if self._inflight is not None:
             covered = [i for i in keep if i < self._inflight.shape[0]]
             self._inflight = self._inflight[mx.array(covered, dtype=mx.int32)] if covered else None
+
+
+def _close_at_exit(engine: EngineThread) -> None:
+    """Stop the engine before the interpreter tears down: a script that exits while a request is
+    decoding must not leave MLX evaluating on a daemon thread (the process would abort)."""
+    try:
+        threading._register_atexit(engine.close)  # runs before teardown, as concurrent.futures does
+    except (AttributeError, RuntimeError):  # another Python, or already shutting down
+        import atexit
+        atexit.register(engine.close)
 
 
 def _emit_quietly(request: Request, item: StepOutput | BaseException) -> bool:

@@ -139,6 +139,17 @@ class Runtime:
         self.engine = EngineThread(self.model, self.tokenizer.stop_ids, loaded.context_length,
                                    max_queue=max_queue, max_batch=max_batch)
 
+    def close(self) -> None:
+        """Stop the engine (see EngineThread.close): running streams end with RuntimeError and
+        later calls raise it. Also done at interpreter exit."""
+        self.engine.close()
+
+    def __enter__(self) -> "Runtime":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
     def __repr__(self) -> str:
         fused = f", fused={self.fused['name']!r}" if self.fused else ""
         return f"Runtime(model={self.name!r}, dtype={self.loaded.dtype}, quantization={self.loaded.quantization}{fused})"
@@ -161,10 +172,16 @@ class Runtime:
         if self.registry.names():
             raise ValueError("fuse before adding resident adapters: they were validated against the unfused base")
         adapter = self.engine.run(lambda: self.registry.read(name, path))
-        dequantized = self.engine.run(lambda: layers.fuse(self.model, adapter))
+        dequantized = self.engine.run(lambda: self._fuse(adapter))
         self.fused = {**adapter.describe(), "dequantized_layers": dequantized,
                       "precision": _fused_precision(self.loaded, dequantized)}
         return self.fused
+
+    def _fuse(self, adapter: Any) -> int:
+        """On the engine thread: merge the adapter; cached prompt prefixes of the old weights go."""
+        dequantized = layers.fuse(self.model, adapter)
+        self.engine.prefixes.clear()
+        return dequantized
 
     def _uses_base(self, lora: str | None) -> bool:
         """No adapter, or the one fused into the weights: the base forward pass serves it."""
@@ -186,8 +203,11 @@ class Runtime:
             raise ValueError(f"lora={lora!r}: the adapter was removed before the request started") from None
 
     def _adapter_key(self, lora: str | None) -> str:
-        """What the weights of a request are (after acquire): "base", or the adapter's content hash."""
-        return "base" if self._uses_base(lora) else self.registry.get(lora).content_hash
+        """What the weights of a request are (after acquire), for prefix reuse: "base" (with the
+        fused adapter's hash once one is fused), or the adapter's content hash."""
+        if self._uses_base(lora):
+            return f"base+{self.fused['hash']}" if self.fused else "base"
+        return self.registry.get(lora).content_hash
 
     def _release(self, lora: str | None) -> None:
         if not self._uses_base(lora):

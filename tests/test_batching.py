@@ -201,3 +201,106 @@ def test_prefix_reuse_is_per_adapter_content(tiny_dir: Path, tmp_path: Path) -> 
     assert rt.engine.stats.prefix_reused_tokens == 0
     reference = mlx_gemma.load(tiny_dir, adapters={"b": ADAPTERS["second_all7_r8"]})
     assert fresh.token_ids == reference.generate(prompt=prompt, lora="b", temperature=0, max_tokens=6).token_ids
+
+
+def test_a_row_joins_after_a_long_row_has_left(batch_rt: mlx_gemma.Runtime) -> None:
+    long_prompt = "x" * 600  # byte-level tiny tokenizer: the batch's cache grows past one 256-position block
+    short = dict(prompt="hi there", temperature=0, max_tokens=5)
+    alone = batch_rt.generate(**short)
+    running = batch_rt.stream(prompt="Keep talking", temperature=0, max_tokens=300)
+    next(running)
+    assert len(batch_rt.generate(prompt=long_prompt, raw=True, temperature=0, max_tokens=3).token_ids) == 3
+    assert batch_rt.engine.run(lambda: batch_rt.engine._cache[0].keys.shape[2]) == 256  # shrunk back on leaving
+    assert batch_rt.generate(**short).token_ids == alone.token_ids
+    running.close()
+
+
+def test_an_error_after_prefill_ends_that_request_and_the_engine_goes_on(tiny_dir: Path) -> None:
+    rt = mlx_gemma.load(tiny_dir, adapters={"a": ADAPTERS["all7_r8"]})
+    request = dict(prompt="A prompt long enough to be kept for reuse.", lora="a", temperature=0, max_tokens=4)
+    expected = rt.generate(**request)
+
+    def broken_store(*args: object) -> None:
+        raise RuntimeError("store failed")
+
+    rt.engine.prefixes.store = broken_store  # runs after the last chunk of the prompt
+    with pytest.raises(RuntimeError, match="store failed"):
+        rt.generate(**request)
+    del rt.engine.prefixes.store
+    assert rt.generate(**request).token_ids == expected.token_ids
+    assert rt.adapters()[0]["in_use"] == 0 and rt.engine.waiting == 0
+
+
+def test_an_error_in_a_batch_step_ends_the_batch_and_the_engine_goes_on(tiny_dir: Path) -> None:
+    rt = mlx_gemma.load(tiny_dir)
+    expected = rt.generate(prompt="Hello", temperature=0, max_tokens=5)
+    running = rt.stream(prompt="Keep talking", temperature=0, max_tokens=300)
+    next(running)
+
+    def broken_launch() -> None:
+        del rt.engine._launch  # once
+        raise RuntimeError("step failed")
+
+    rt.engine._launch = broken_launch
+    with pytest.raises(RuntimeError, match="step failed"):
+        list(running)
+    assert rt.generate(prompt="Hello", temperature=0, max_tokens=5).token_ids == expected.token_ids
+    assert rt.engine.active == 0
+
+
+def test_fusing_forgets_the_prefixes_cached_with_the_old_weights(tiny_dir: Path) -> None:
+    prompt = dict(prompt="A prompt long enough to be kept for reuse.", temperature=0, max_tokens=8)
+    rt = mlx_gemma.load(tiny_dir)
+    rt.generate(**prompt)
+    rt.fuse_adapter("x", ADAPTERS["all7_r8"])
+    fused = mlx_gemma.load(tiny_dir, adapters={"x": ADAPTERS["all7_r8"]}, fuse="x")
+    assert rt.generate(**prompt).token_ids == fused.generate(**prompt).token_ids
+    assert rt.engine.stats.prefix_reused_tokens == 0
+
+
+def test_a_cancelled_waiting_request_gives_its_queue_place_back(tiny_dir: Path) -> None:
+    rt = mlx_gemma.load(tiny_dir, max_batch=1, max_queue=2)
+    running = rt.stream(prompt="Keep talking", temperature=0, max_tokens=300)
+    next(running)
+    waiting = [rt.stream(prompt=f"Wait {i}", temperature=0, max_tokens=3) for i in range(2)]
+    for stream in waiting:
+        stream.close()
+    deadline = time.monotonic() + 5
+    while rt.engine.waiting and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert rt.engine.waiting == 0 and rt.engine.stats.requests["cancelled"] == 2
+    late = rt.stream(prompt="Late", temperature=0, max_tokens=2)  # no QueueFullError
+    running.close()
+    assert len(list(late)) >= 1
+
+
+def test_a_closed_runtime_ends_its_requests_and_refuses_new_ones(tiny_dir: Path) -> None:
+    rt = mlx_gemma.load(tiny_dir)
+    running = rt.stream(prompt="Keep talking", temperature=0, max_tokens=300)
+    next(running)
+    rt.close()
+    with pytest.raises(RuntimeError, match="closed before the request finished"):
+        list(running)
+    with pytest.raises(RuntimeError, match="this runtime is closed: load the model again"):
+        rt.generate(prompt="Hello")
+    rt.close()  # twice is harmless
+
+
+SCRIPT_LEAVING_MID_STREAM = """
+import sys
+import mlx_gemma
+rt = mlx_gemma.load(sys.argv[1])
+stream = rt.stream(prompt="hello", temperature=0, max_tokens=2000)
+next(stream)
+stream.close()
+"""
+
+
+def test_a_script_that_exits_mid_stream_exits_cleanly(tiny_dir: Path) -> None:
+    import subprocess
+    import sys
+
+    for _ in range(2):  # it aborted (SIGABRT) most times while MLX was still running at exit
+        done = subprocess.run([sys.executable, "-c", SCRIPT_LEAVING_MID_STREAM, str(tiny_dir)],
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr[-2000:]

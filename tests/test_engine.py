@@ -73,3 +73,22 @@ def test_long_prompt_is_prefilled_in_chunks(monkeypatch):
     model = ScriptedModel([7])
     steps = list(generate_tokens(model, list(range(20)), GenerationParams(temperature=0, max_tokens=2), STOP, 64))
     assert model.calls == [8, 8, 4, 1] and [s.token for s in steps] == [7, 7]
+
+
+def test_the_prefix_cache_is_bounded_in_bytes():
+    from mlx_gemma.models.cache import KVCache
+
+    def caches(n: int) -> list[KVCache]:
+        cache = KVCache()
+        cache.update_and_fetch(mx.zeros((1, 1, n, 4)), mx.zeros((1, 1, n, 4)))
+        return [cache]
+
+    per_token = 2 * 4 * 4  # keys and values, four float32 each
+    prefixes = engine.PrefixCache(max_bytes=100 * per_token)
+    prefixes.store("base", list(range(60)), caches(60))
+    prefixes.store("base", list(range(100, 160)), caches(60))  # 120 tokens in all: the older one goes
+    assert prefixes.lookup("base", list(range(61))) is None
+    assert prefixes.lookup("base", list(range(100, 161)))[0] == 60
+    prefixes.store("base", list(range(500, 700)), caches(200))  # over the whole budget alone: not kept
+    assert prefixes.lookup("base", list(range(500, 701))) is None
+    assert prefixes.lookup("base", list(range(100, 161)))[0] == 60

@@ -57,7 +57,8 @@ class BatchKVCache:
     Row r holds its keys at positions [0, lengths[r]); the positions after that are padding,
     hidden by `mask`. `offset` is the (B,) array of lengths: each row's RoPE position for its
     next token. Rows join after a solo prefill (`add`, from a KVCache) and leave between steps
-    (`keep`); either copies the cache once, a step never does.
+    (`keep`, which also shrinks the storage to what the remaining rows need); either copies the
+    cache once, a step never does.
     """
 
     batched = True
@@ -83,8 +84,10 @@ class BatchKVCache:
     def add(self, cache: KVCache) -> None:
         keys, values = cache.keys[..., : cache.offset, :], cache.values[..., : cache.offset, :]
         capacity = _round_up(max([cache.offset + 1, *[n + 1 for n in self.lengths]]), self.step)
-        parts = [] if self.keys is None else [(self.keys, self.values)]
-        parts.append((keys, values))
+        parts = [(keys, values)]
+        if self.keys is not None:  # it may already be longer than the rows need (it grows a block at a time)
+            capacity = max(capacity, self.keys.shape[2])
+            parts.insert(0, (self.keys, self.values))
         self.keys = mx.concatenate([_pad_to(k, capacity) for k, _ in parts], axis=0)
         self.values = mx.concatenate([_pad_to(v, capacity) for _, v in parts], axis=0)
         self._set_lengths([*self.lengths, cache.offset])
@@ -95,9 +98,13 @@ class BatchKVCache:
             self.keys = self.values = None
             self._set_lengths([])
             return
+        lengths = [self.lengths[i] for i in rows]
+        # Copy only the positions the kept rows need, so a long row that left frees its memory.
+        capacity = min(self.keys.shape[2], _round_up(max(lengths) + 1, self.step))
         index = mx.array(rows, dtype=mx.int32)
-        self.keys, self.values = self.keys[index], self.values[index]
-        self._set_lengths([self.lengths[i] for i in rows])
+        self.keys = mx.take(self.keys[..., :capacity, :], index, axis=0)
+        self.values = mx.take(self.values[..., :capacity, :], index, axis=0)
+        self._set_lengths(lengths)
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
         """Write each row's one new key and value at its own position; return the visible span."""
