@@ -35,7 +35,7 @@ import hashlib
 import json
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -324,13 +324,13 @@ def _check_peft_values(config: dict, problems: list[str]) -> None:
     _check_patterns(config, "rank_pattern", _is_rank, "whole numbers >= 1", problems)
     _check_patterns(config, "alpha_pattern", _is_finite_number, "finite numbers", problems)
     targets = config.get("target_modules")
-    if not (targets is None or isinstance(targets, str) and _compiles(targets) or _is_str_list(targets)):
+    if not (targets is None or isinstance(targets, str) and _compiles(targets) or _is_str_list(targets, _is_str)):
         problems.append(f"target_modules {targets!r} is refused: give a list of module names or one regular expression")
     layers = config.get("layers_to_transform")
     if not (layers is None or _is_count(layers) or isinstance(layers, list) and all(_is_count(i) for i in layers)):
         problems.append(f"layers_to_transform {layers!r} is refused: give a layer index or a list of them")
     pattern = config.get("layers_pattern")
-    if not (pattern is None or isinstance(pattern, str) and _compiles(pattern) or _is_str_list(pattern)):
+    if not (pattern is None or isinstance(pattern, str) and _compiles(pattern) or _is_str_list(pattern, _compiles)):
         problems.append(f"layers_pattern {pattern!r} is refused: give a regular expression or a list of them")
 
 
@@ -371,8 +371,14 @@ def _is_finite_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _is_str_list(value: Any) -> bool:
-    return isinstance(value, list) and all(isinstance(item, str) and _compiles(item) for item in value)
+def _is_str_list(value: Any, valid: Callable[[str], bool]) -> bool:
+    """A list of strings that pass `valid`: target_modules names are matched literally, layers_pattern
+    entries as regular expressions."""
+    return isinstance(value, list) and all(isinstance(item, str) and valid(item) for item in value)
+
+
+def _is_str(value: str) -> bool:
+    return True
 
 
 def _compiles(pattern: str) -> bool:
