@@ -396,7 +396,9 @@ def test_openai_models_and_finetune_by_model(client: TestClient, reference: mlx_
 
 
 def test_openai_models_retrieve_by_id_with_slashes(client: TestClient) -> None:
-    create_finetune(client, "oa-one")
+    finetune = create_finetune(client, "oa-one")
+    assert client.get(f"/v1/models/{finetune['id']}").json() == {
+        "id": "oa-one", "object": "model", "created": 0, "owned_by": "mlx-gemma:finetune"}
     for name in ("@cf/google/gemma-2b-it-lora", "oa-one"):
         assert client.get(f"/v1/models/{name}").json() == next(
             row for row in client.get("/v1/models").json()["data"] if row["id"] == name)
@@ -421,6 +423,10 @@ def test_openai_nulls_are_unset_and_developer_is_system(client: TestClient, serv
     ({"echo": True}, "echo (returning the prompt with the completion) not supported by this server"),
     ({"suffix": "END"}, "suffix (text after the completion) not supported by this server"),
     ({"best_of": 3}, "best_of=3: only 1 is supported; send separate requests"),
+    ({"logprobs": 0}, "logprobs not supported by this server"),  # 0 asks for the sampled tokens' logprobs
+    ({"top_logprobs": 2}, "logprobs not supported by this server"),
+    ({"stream_options": {"include_usage": True}},
+     "stream_options is only for streamed answers: send \"stream\": true, or leave it out"),
     ({"response_format": {"type": "json_object"}},
      "response_format={'type': 'json_object'} not supported: only {\"type\": \"text\"}"),
 ])
@@ -428,3 +434,75 @@ def test_openai_fields_that_would_change_the_answer_are_refused(client: TestClie
                                                                 extra: dict, message: str) -> None:
     response = client.post("/v1/completions", json={"prompt": "Hi", **extra})
     assert response.status_code == 400 and response.json()["error"]["message"] == f"AiError: Bad input: {message}"
+
+
+def test_openai_unset_max_tokens_follows_openai_and_vllm(client: TestClient, server_runtime: mlx_gemma.Runtime,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    body = client.post("/v1/completions", json={"prompt": "Once upon a time", "temperature": 0}).json()
+    expected = server_runtime.generate(prompt="Once upon a time", raw=True, temperature=0, max_tokens=16)
+    assert body["choices"][0]["text"] == expected.text and body["usage"] == expected.usage.to_dict()
+    limits = []
+    prepare = server_runtime.prepare
+    monkeypatch.setattr(server_runtime, "prepare", lambda **kw: limits.append(kw["max_tokens"]) or prepare(**kw))
+    stream = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}],
+                                                       "stream": True, "temperature": 0})
+    assert stream.status_code == 200 and limits == [server_runtime.loaded.context_length]  # the rest of the context
+
+
+def test_openai_values_as_vllm_takes_them(client: TestClient, server_runtime: mlx_gemma.Runtime) -> None:
+    """top_k <= 0 is no top-k, any integer seed is taken (folded into 1..9999999999), 8.0 is 8."""
+    def text(**fields: object) -> str:
+        response = client.post("/v1/completions", json={"prompt": "Once upon a time", "temperature": 1.5, **fields})
+        assert response.status_code == 200, response.text
+        return response.json()["choices"][0]["text"]
+
+    def expected(**fields: object) -> str:
+        return server_runtime.generate(prompt="Once upon a time", raw=True, temperature=1.5, **fields).text
+
+    assert text(seed=0, max_tokens=12) == expected(seed=1, max_tokens=12)
+    assert text(seed=-5, max_tokens=12) == expected(seed=9999999995, max_tokens=12)
+    assert text(seed=7, top_k=-1, max_tokens=12) == text(seed=7, top_k=0, max_tokens=12) == expected(seed=7, max_tokens=12)
+    assert text(seed=7.0, max_tokens=5.0, top_k=3.0) == expected(seed=7, max_tokens=5, top_k=3)
+
+
+def test_openai_text_parts_are_joined_with_newlines(client: TestClient, server_runtime: mlx_gemma.Runtime) -> None:
+    parts = [{"type": "text", "text": "Hi"}, {"type": "text", "text": "there"}]
+    body = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": parts}], **GREEDY}).json()
+    expected = server_runtime.generate(messages=[{"role": "user", "content": "Hi\nthere"}], **GREEDY)
+    assert body["choices"][0]["message"]["content"] == expected.text and body["usage"] == expected.usage.to_dict()
+
+
+def fail_after(runtime: mlx_gemma.Runtime, monkeypatch: pytest.MonkeyPatch, steps: int) -> None:
+    """The runtime's next request ends with RuntimeError after `steps` tokens, as when its engine stops."""
+    submit = runtime.submit
+
+    def submit_then_fail(ids, params, lora, emit):
+        seen, requests = [], []
+
+        def emit_or_fail(item):
+            seen.append(item)
+            if len(seen) == steps + 1:
+                requests[0].cancel()
+                emit(RuntimeError("the engine stopped"))
+            elif len(seen) <= steps:
+                emit(item)
+        requests.append(submit(ids, params, lora, emit_or_fail))
+        return requests[0]
+    monkeypatch.setattr(runtime, "submit", submit_then_fail)
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", RUN])
+def test_a_stream_that_fails_part_way_ends_with_the_error_and_done(client: TestClient, server_runtime: mlx_gemma.Runtime,
+                                                                  monkeypatch: pytest.MonkeyPatch, path: str) -> None:
+    messages = [{"role": "user", "content": "Hello"}]
+    full = server_runtime.generate(messages=messages, **GREEDY).text
+    fail_after(server_runtime, monkeypatch, steps=3)
+    data = events(client.post(path, json={"messages": messages, "stream": True, **GREEDY}))
+    message = "AiError: Internal server error: RuntimeError: the engine stopped"
+    expected_error = ({"error": {"message": message, "type": "server_error", "param": None, "code": 3043}}
+                      if path.startswith("/v1") else error(3043, message))
+    assert [json.loads(data[-2]), data[-1]] == [expected_error, "[DONE]"]
+    chunks = [json.loads(event) for event in data[:-2]]
+    text = "".join(c["choices"][0]["delta"].get("content", "") if "choices" in c else c["response"] for c in chunks)
+    assert text and full.startswith(text) and text != full
+    assert client.get("/healthz").json()["active"] == 0

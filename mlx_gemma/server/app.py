@@ -31,14 +31,11 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from ..lora.store import FinetuneStore
 from ..runtime import Runtime
 from . import openai, pages, workers_ai
-from .schema import ApiError, failure, unauthorized
+from .schema import ApiError, as_api_error, failure, unauthorized
 from .service import Service, Settings
 
 log = logging.getLogger("mlx_gemma.server")
 OPENAI_UNDER_ACCOUNT = re.compile(r"/client/v4/accounts/[^/]+/ai/v1/")
-OPENAI_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-                      405: "invalid_request_error", 409: "invalid_request_error", 413: "invalid_request_error",
-                      429: "rate_limit_error"}
 PUBLIC_PATHS = {"/healthz", *pages.PUBLIC_PATHS}  # the page holds no data; its API calls need the token
 
 
@@ -50,9 +47,7 @@ def is_openai_path(path: str) -> bool:
 def error_response(path: str, status: int, code: int, message: str,
                    headers: Mapping[str, str] | None = None) -> JSONResponse:
     if is_openai_path(path):
-        kind = OPENAI_ERROR_TYPES.get(status, "server_error")
-        body = {"error": {"message": message, "type": kind, "param": None, "code": code}}
-        return JSONResponse(body, status, headers=headers)
+        return JSONResponse(openai.error_body(status, code, message), status, headers=headers)
     return JSONResponse(failure(code, message), status, headers=headers)
 
 
@@ -93,7 +88,8 @@ async def http_error(request: Request, exc: Exception) -> Response:
 
 async def server_error(request: Request, exc: Exception) -> Response:
     log.exception("unexpected error on %s %s", request.method, request.url.path)
-    return error_response(request.url.path, 500, 3043, f"AiError: Internal server error: {type(exc).__name__}: {exc}")
+    error = as_api_error(exc)
+    return error_response(request.url.path, error.status, error.code, error.message)
 
 
 class StripTrailingSlash:

@@ -4,14 +4,21 @@ Contract: the shapes of OpenAI's API as the `openai` SDK reads them. `model` nam
 (any of its served names) or a fine-tune (id or name) or an adapter loaded with `--adapter`;
 it is optional and defaults to the base. Sampling fields: max_tokens (or
 max_completion_tokens), temperature, top_p, seed, frequency_penalty, presence_penalty, and as
-in vLLM top_k and repetition_penalty; values outside the Workers AI schema's limits are
-refused. Fields sent as null count as unset. `developer` messages are system messages. echo,
-suffix, n or best_of other than 1, and a response_format other than text are refused rather than
-ignored. `/v1/completions` tokenizes the prompt as given (no chat template). `stop` strings end
+in vLLM top_k and repetition_penalty. Without max_tokens a chat completion runs until it stops
+or fills the context (as vLLM) and a completion stops at 16 tokens (as OpenAI). As in vLLM, a
+top_k of 0 or less means no top-k; any integer seed is taken (one outside the Workers AI range
+1-9999999999 is folded into it); integral numbers such as 8.0 count as integers. Other values
+outside the Workers AI schema's limits are refused (penalties below 0 among them). Fields sent
+as null count as unset. `developer` messages are system messages; a message's text parts are
+joined with newlines. echo, suffix, logprobs, n or best_of other than 1, and a response_format
+other than text are refused rather than ignored, and so is stream_options without stream.
+`/v1/completions` tokenizes the prompt as given (no chat template). `stop` strings end
 the text before the stop string. Streams end with `data: [DONE]`; with
-`stream_options.include_usage` a last chunk carries the usage. `GET /v1/models/{id}` returns one
-row of the list. The same routes are mounted under /client/v4/accounts/{account_id}/ai/v1/.
-Errors: OpenAI's `{"error": {...}}` (app.py).
+`stream_options.include_usage` a last chunk carries the usage; a stream that fails part way
+sends `data: {"error": {...}}` before `[DONE]`, which the SDK raises as an `APIError`.
+`GET /v1/models/{id}` returns one row of the list (a fine-tune's id finds its row). The same
+routes are mounted under /client/v4/accounts/{account_id}/ai/v1/. Errors: OpenAI's
+`{"error": {...}}` (`error_body`, used by app.py).
 """
 
 from __future__ import annotations
@@ -26,15 +33,27 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Mount, Route
 
+from ..lora.store import FinetuneNotFound
 from .schema import ApiError, bad_input
 from .service import AsyncTextStream, Service
-from .workers_ai import PREFIX, SSE_HEADERS, read_json, service_of, sse, started, unless_gone, while_connected
+from .workers_ai import (PREFIX, SSE_HEADERS, read_json, service_of, sse, started, unless_gone, until_error,
+                         while_connected)
 
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "seed", "frequency_penalty", "presence_penalty",
                    "repetition_penalty")
-NOT_SUPPORTED = {"tools": "tool calling", "functions": "function calling", "logprobs": "logprobs",
-                 "logit_bias": "logit_bias", "echo": "echo (returning the prompt with the completion)",
-                 "suffix": "suffix (text after the completion)"}
+NOT_SUPPORTED = {"tools": "tool calling", "functions": "function calling", "logit_bias": "logit_bias",
+                 "echo": "echo (returning the prompt with the completion)", "suffix": "suffix (text after the completion)"}
+INTEGER_FIELDS = ("max_tokens", "max_completion_tokens", "top_k", "seed")
+SEED_RANGE = 9999999999  # the Workers AI schema's seeds are 1..SEED_RANGE; other integers are folded into it
+COMPLETION_MAX_TOKENS = 16  # OpenAI's and vLLM's default for /v1/completions
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+               405: "invalid_request_error", 409: "invalid_request_error", 413: "invalid_request_error",
+               429: "rate_limit_error"}
+
+
+def error_body(status: int, code: int, message: str) -> dict[str, Any]:
+    """OpenAI's error object, as the `openai` SDK reads it."""
+    return {"error": {"message": message, "type": ERROR_TYPES.get(status, "server_error"), "param": None, "code": code}}
 
 
 async def resolve_model(service: Service, model: Any) -> str | None:
@@ -52,9 +71,31 @@ async def resolve_model(service: Service, model: Any) -> str | None:
                                   f"{', '.join(service.served_models())} or a fine-tune's name") from None
 
 
-def sampling(body: dict[str, Any]) -> dict[str, Any]:
+def sampling(body: dict[str, Any], default_max_tokens: int) -> dict[str, Any]:
     """Sampler arguments from the body; null means unset, as in OpenAI's API."""
+    _refuse_unsupported(body)
+    body = {key: _integral(body[key]) if key in INTEGER_FIELDS else body[key] for key in body}
+    args = {key: body[key] for key in SAMPLING_FIELDS if body.get(key) is not None}
+    if isinstance(args.get("top_k"), int) and args["top_k"] <= 0:
+        del args["top_k"]  # vLLM's -1 (and 0): no top-k
+    if isinstance(args.get("seed"), int) and not 1 <= args["seed"] <= SEED_RANGE:
+        args["seed"] = args["seed"] % SEED_RANGE + 1  # OpenAI takes any integer seed
+    max_tokens = next((body[key] for key in ("max_completion_tokens", "max_tokens") if body.get(key) is not None), None)
+    args["max_tokens"] = default_max_tokens if max_tokens is None else max_tokens
+    args.setdefault("temperature", 1.0)  # OpenAI's default
+    return args
+
+
+def _integral(value: Any) -> Any:
+    """8.0 -> 8, as JSON Schema and pydantic read an integer field; anything else as it is."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def _refuse_unsupported(body: dict[str, Any]) -> None:
     unsupported = [label for key, label in NOT_SUPPORTED.items() if body.get(key)]
+    logprobs = body.get("logprobs")
+    if (logprobs is not None and logprobs is not False) or body.get("top_logprobs") is not None:
+        unsupported.append("logprobs")  # logprobs: 0 on /v1/completions asks for the sampled tokens' logprobs
     if unsupported:
         raise bad_input(f"{', '.join(unsupported)} not supported by this server")
     for count in ("n", "best_of"):
@@ -63,13 +104,6 @@ def sampling(body: dict[str, Any]) -> dict[str, Any]:
     response_format = body.get("response_format")
     if response_format not in (None, {"type": "text"}):
         raise bad_input(f"response_format={response_format!r:.80} not supported: only {{\"type\": \"text\"}}")
-    args = {key: body[key] for key in SAMPLING_FIELDS if body.get(key) is not None}
-    max_tokens = next((body[key] for key in ("max_completion_tokens", "max_tokens") if body.get(key) is not None), None)
-    if max_tokens is not None:
-        args["max_tokens"] = max_tokens
-    if "temperature" not in args:
-        args["temperature"] = 1.0  # OpenAI's default
-    return args
 
 
 def stop_strings(body: dict[str, Any]) -> list[str]:
@@ -80,10 +114,12 @@ def stop_strings(body: dict[str, Any]) -> list[str]:
     return stops
 
 
-def stream_options(body: dict[str, Any]) -> dict[str, Any]:
+def stream_options(body: dict[str, Any], streaming: bool) -> dict[str, Any]:
     options = body.get("stream_options")
     if options is not None and not isinstance(options, dict):
         raise bad_input(f"stream_options={options!r:.80}: give an object such as {{\"include_usage\": true}}, or null")
+    if options is not None and not streaming:
+        raise bad_input("stream_options is only for streamed answers: send \"stream\": true, or leave it out")
     return options or {}
 
 
@@ -147,14 +183,18 @@ async def generate(request: Request, chat: bool) -> Response:
     lora = await resolve_model(service, body.get("model"))
     model = body.get("model") or service.served_models()[0]
     text_args = _text_args(body, chat)
-    ids, params = service.prepare(lora, **text_args, **sampling(body))
+    # Unset max_tokens: chat runs to a stop or a full context (as vLLM), a completion stops at 16 (as OpenAI)
+    default_max_tokens = service.runtime.loaded.context_length if chat else COMPLETION_MAX_TOKENS
+    ids, params = service.prepare(lora, **text_args, **sampling(body, default_max_tokens))
     stops = stop_strings(body)
-    streaming, include_usage = flag(body, "stream"), flag(stream_options(body), "include_usage")
+    streaming = flag(body, "stream")
+    include_usage = flag(stream_options(body, streaming), "include_usage")
     stream = service.open_stream(ids, params, lora)
     pieces = stopped_text(stream, await while_connected(request, stream, started(stream)), stops)
     meta = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()), "model": model}
     if streaming:
         events = (chat_events if chat else completion_events)(stream, pieces, meta, include_usage)
+        events = until_error(events, lambda error: error_body(error.status, error.code, error.message))
         return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
     try:
         text = await while_connected(request, stream, _joined(pieces))
@@ -182,11 +222,12 @@ def _text_args(body: dict[str, Any], chat: bool) -> dict[str, Any]:
 
 
 def _flatten_content(message: Any) -> Any:
-    """OpenAI content parts [{"type": "text", "text": ...}] -> one string; other shapes pass to validation."""
+    """OpenAI content parts [{"type": "text", "text": ...}] -> one string, the parts joined with newlines
+    (as vLLM does); other shapes pass to validation."""
     if isinstance(message, dict) and isinstance(message.get("content"), list):
         parts = message["content"]
         if all(isinstance(p, dict) and p.get("type") == "text" for p in parts):
-            return {**message, "content": "".join(str(p.get("text", "")) for p in parts)}
+            return {**message, "content": "\n".join(str(p.get("text", "")) for p in parts)}
     return message
 
 
@@ -247,11 +288,23 @@ async def models(request: Request) -> Response:
 
 async def model(request: Request) -> Response:
     """One row of /v1/models, as `client.models.retrieve(id)` reads it; ids may hold slashes."""
-    name = request.path_params["name"]
-    row = next((row for row in await model_rows(service_of(request)) if row["id"] == name), None)
+    name, service = request.path_params["name"], service_of(request)
+    rows = await model_rows(service)
+    row = next((row for row in rows if row["id"] == name), None)
+    if row is None:  # a fine-tune's id: its row, which names it
+        finetune = await asyncio.to_thread(_complete_finetune, service, name)
+        row = next((row for row in rows if finetune and row["id"] == finetune.name), None)
     if row is None:
         raise ApiError(404, 3037, f"The model {name!r} does not exist: GET /v1/models lists the served ones")
     return JSONResponse(row)
+
+
+def _complete_finetune(service: Service, id_or_name: str) -> Any:
+    try:
+        finetune = service.store.get(id_or_name)
+    except FinetuneNotFound:
+        return None
+    return finetune if finetune.complete else None
 
 
 def _model_row(name: str, owner: str) -> dict[str, Any]:

@@ -11,7 +11,8 @@ Contract:
   within the schema's limits; `"true"`/`"false"` strings are accepted for `raw` and `stream`;
   `lora` is accepted with either variant. It returns the body with those strings coerced, and
   integral numbers of integer fields (`8.0`, an integer in JSON Schema) made ints.
-- `success(result)` and `failure(code, message)` build the envelopes.
+- `success(result)` and `failure(code, message)` build the envelopes; `as_api_error(exc)` is the
+  ApiError any exception reports as (an unexpected one is a 500, code 3043).
 """
 
 from __future__ import annotations
@@ -78,6 +79,13 @@ def success(result: Any) -> dict[str, Any]:
 
 def failure(code: int, message: str) -> dict[str, Any]:
     return {"result": {}, "success": False, "errors": [{"code": code, "message": message}], "messages": []}
+
+
+def as_api_error(exc: BaseException) -> ApiError:
+    """What an exception reports as: an ApiError is itself, anything else an internal error (500, 3043)."""
+    if isinstance(exc, ApiError):
+        return exc
+    return ApiError(500, 3043, f"AiError: Internal server error: {type(exc).__name__}: {exc}")
 
 
 def parse_json(raw: bytes) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 Contract (DESIGN.md section 6): `POST run/{model}` answers with the success envelope
 `{"result": {"response", "usage"}, ...}` or, with `stream: true`, with server-sent events
 `data: {"response":"..."}` per piece, then `data: {"response":"","usage":{...}}`, then
+`data: [DONE]`; a stream that fails part way ends with the error envelope as one event, then
 `data: [DONE]`. Fine-tunes: `POST finetunes`, `GET finetunes`, `GET finetunes/public`,
 `GET`/`DELETE finetunes/{id or name}`, `POST finetunes/{id or name}/finetune-assets`
 (multipart `file_name` + `file`, refused with 413 as soon as it passes the upload limit);
@@ -18,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -28,7 +30,8 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 
 from ..lora.store import AssetError, AssetTooLarge, FinetuneError, FinetuneExists, is_disk_full
-from .schema import ApiError, bad_input, parse_json, storage_full, success, too_large, validate_run_body
+from .schema import (ApiError, as_api_error, bad_input, failure, parse_json, storage_full, success, too_large,
+                     validate_run_body)
 from .service import AsyncTextStream, Service
 
 PREFIX = "/client/v4/accounts/{account_id}/ai"
@@ -38,6 +41,7 @@ SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 FORM_OVERHEAD_BYTES = 64 * 1024  # an upload's multipart framing and file_name field, beyond the file
 ORDER_COLUMNS = ("id", "name", "model", "description", "created_at", "modified_at")
 T = TypeVar("T")
+log = logging.getLogger("mlx_gemma.server")
 
 
 class ClientGone(Exception):
@@ -104,6 +108,19 @@ def sse(data: dict[str, Any] | str) -> bytes:
     return f"data: {text}\n\n".encode()
 
 
+async def until_error(events: AsyncIterator[bytes], describe: Callable[[ApiError], dict[str, Any]]
+                      ) -> AsyncIterator[bytes]:
+    """The events; if they fail part way, then one event with `describe(error)` and `data: [DONE]`.
+    The status line has gone out by then, so the stream is the only place left to tell the error."""
+    try:
+        async for event in events:
+            yield event
+    except Exception as exc:
+        log.exception("a stream ended with an error")
+        yield sse(describe(as_api_error(exc)))
+        yield sse("[DONE]")
+
+
 async def started(stream: AsyncTextStream) -> AsyncIterator[str]:
     """Wait for the first piece (prefill and adapter errors still become HTTP errors), then go on."""
     try:
@@ -134,7 +151,8 @@ async def run(request: Request) -> Response:
     stream = service.open_stream(ids, params, lora)
     if body.get("stream"):
         pieces = await while_connected(request, stream, started(stream))
-        return StreamingResponse(run_events(stream, pieces), media_type="text/event-stream", headers=SSE_HEADERS)
+        events = until_error(run_events(stream, pieces), lambda error: failure(error.code, error.message))
+        return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
     text = await while_connected(request, stream, stream.text())
     return JSONResponse(success({"response": text, "usage": stream.usage.to_dict()}))
 

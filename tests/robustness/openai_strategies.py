@@ -2,8 +2,10 @@
 
 Valid bodies: a JSON schema of OpenAI's chat and completion requests whose sampling fields
 are the published Workers AI schema's (the server applies the same limits), each also
-nullable as in OpenAI's API, with `max_tokens` 1..8. Refused bodies: a valid body with one
-`MUTATIONS` entry applied, which fixes the expected status and code.
+nullable as in OpenAI's API, with `max_tokens` 1..8, and `stream: true` whenever `stream_options`
+is sent. Refused bodies: a valid body with one `MUTATIONS` entry applied, which fixes the
+expected status and code. Out-of-range values leave out those the OpenAI routes take as vLLM
+does (any integral seed, a top_k of 0 or less).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from .strategies import MAX_TOKENS, ROLES, SAMPLING_FIELDS, SHORT_TEXT, json_val
 STOP_TEXT = {"type": "string", "minLength": 1, "maxLength": 3}
 TEXT_PART = {"type": "object", "properties": {"type": {"const": "text"}, "text": {"type": "string", "maxLength": 20}},
              "required": ["type", "text"], "additionalProperties": False}
-UNSUPPORTED = ("tools", "functions", "logprobs", "response_format", "logit_bias")
+UNSUPPORTED = ("tools", "functions", "logprobs", "top_logprobs", "response_format", "logit_bias")
 
 
 def nullable(spec: dict[str, Any]) -> dict[str, Any]:
@@ -58,7 +60,18 @@ def request_schema(chat: bool, models: list[str]) -> dict[str, Any]:
 
 
 def valid_bodies(chat: bool, models: list[str]) -> st.SearchStrategy[dict[str, Any]]:
-    return from_schema(request_schema(chat, models))
+    return from_schema(request_schema(chat, models)).map(_streamed_if_options)
+
+
+def _streamed_if_options(body: dict[str, Any]) -> dict[str, Any]:
+    return {**body, "stream": True} if "stream_options" in body else body
+
+
+def accepted_by_openai(field: str, value: Any) -> bool:
+    """Values the OpenAI routes take though the Workers AI schema refuses them: an integral seed, a top_k <= 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not float(value).is_integer():
+        return False
+    return field == "seed" or (field == "top_k" and value <= 0)
 
 
 def stop_refused(stop: Any) -> bool:
@@ -95,7 +108,7 @@ def _unknown_role(draw: st.DrawFn, body: dict[str, Any], chat: bool, models: lis
 
 def _out_of_range(draw: st.DrawFn, body: dict[str, Any], chat: bool, models: list[str]) -> None:
     field = draw(st.sampled_from(SAMPLING_FIELDS))
-    body[field] = draw(out_of_range(field).filter(lambda v: v is not None))
+    body[field] = draw(out_of_range(field).filter(lambda v: v is not None and not accepted_by_openai(field, v)))
 
 
 def _too_few_tokens(draw: st.DrawFn, body: dict[str, Any], chat: bool, models: list[str]) -> None:
@@ -121,6 +134,10 @@ def _bad_stream_options(draw: st.DrawFn, body: dict[str, Any], chat: bool, model
                                                                            not isinstance(v, dict)))}
 
 
+def _options_without_stream(draw: st.DrawFn, body: dict[str, Any], chat: bool, models: list[str]) -> None:
+    body |= {"stream": draw(st.sampled_from([False, None])), "stream_options": {"include_usage": True}}
+
+
 BAD_INPUT, NOT_FOUND = (400, 5006), (404, 3037)
 MUTATIONS: dict[str, tuple[Mutator, tuple[int, int]]] = {  # name -> (mutator, expected status and code)
     "no text": (_no_text, BAD_INPUT), "text of another type": (_bad_text, BAD_INPUT),
@@ -132,6 +149,7 @@ MUTATIONS: dict[str, tuple[Mutator, tuple[int, int]]] = {  # name -> (mutator, e
     "model not a string": (_set("model", json_values().filter(lambda m: m is not None and not isinstance(m, str))),
                            BAD_INPUT),
     "unknown model": (_unknown_model, NOT_FOUND), "stream_options not an object": (_bad_stream_options, BAD_INPUT),
+    "stream_options without stream": (_options_without_stream, BAD_INPUT),
 }
 
 
