@@ -9,13 +9,16 @@ For each batch row, the logits (computed in float32) go through, in order:
    the OUTPUT so far; ``presence_penalty``: minus the penalty once if the
    token is present in the OUTPUT.
 3. ``temperature``: 0 means greedy argmax (the seed, top_k and top_p are
-   then ignored); otherwise logits / temperature.
-4. ``top_k``: keep the k highest logits.
-5. ``top_p`` (nucleus, on the probabilities left after top_k): keep the
-   smallest set of highest-probability tokens whose cumulative probability
-   is >= top_p, always at least the top token. ``top_p >= 1`` keeps every
-   token (no work is done); ``top_p == 0`` keeps only the top token.
-6. Sample with the Gumbel-max trick: argmax(logits + Gumbel noise).
+   then ignored); otherwise logits / temperature, where a temperature
+   between 0 and 0.01 counts as 0.01, as in vLLM (smaller ones overflow).
+4. ``top_k``: keep the k highest logits, and every token tied with the k-th.
+5. ``top_p`` (nucleus, on the probabilities left after top_k, tied tokens
+   included): keep the smallest set of highest-probability tokens whose
+   cumulative probability is >= top_p, always at least the top token.
+   ``top_p >= 1`` keeps every token (no work is done); ``top_p == 0`` keeps
+   only the top token.
+6. Sample with the Gumbel-max trick: argmax(logits + Gumbel noise), the
+   noise bounded below so a kept token always beats a filtered one.
 
 Filtered tokens become ``-inf``. Both filters cut at a threshold logit, so
 tokens tied with the last kept token are kept too.
@@ -45,6 +48,10 @@ from typing import Any, Callable, NamedTuple, Sequence
 import mlx.core as mx
 
 _NEG_INF = float("-inf")
+MIN_TEMPERATURE = 0.01  # vLLM's floor: a smaller positive temperature is raised to it
+# Gumbel noise is -log(-log(u)); u == 0 (about once in 2**32 draws) would make it -inf, and a row whose
+# only kept token drew it would pick token 0. Every other draw is above -4.
+_GUMBEL_FLOOR = -20.0
 
 
 class _Limit(NamedTuple):
@@ -129,6 +136,7 @@ class RowSampler:
         self.vocab_size = vocab_size
         self.is_greedy = params.temperature == 0
         sampling = not self.is_greedy
+        self.temperature = max(float(params.temperature), MIN_TEMPERATURE) if sampling else 0.0
         self.top_k = min(params.top_k, vocab_size) if sampling and params.top_k else None
         keeps_all = params.top_p is None or params.top_p >= 1
         self.top_p = None if (self.is_greedy or keeps_all) else float(params.top_p)
@@ -205,7 +213,7 @@ def _apply_penalties(logits: mx.array, rows: Sequence[RowSampler]) -> mx.array:
 
 
 def _apply_temperature(logits: mx.array, rows: Sequence[RowSampler]) -> mx.array:
-    divisors = [1.0 if row.is_greedy else row.params.temperature for row in rows]
+    divisors = [1.0 if row.is_greedy else row.temperature for row in rows]
     if all(divisor == 1.0 for divisor in divisors):
         return logits
     return logits / mx.array(divisors, mx.float32)[:, None]
@@ -227,15 +235,23 @@ def _apply_top_k_top_p(logits: mx.array, rows: Sequence[RowSampler]) -> mx.array
     candidates = _sorted_candidates(logits, rows)
     width = candidates.shape[-1]
     ks = mx.array([row.top_k or width for row in rows], mx.int32)[:, None]
-    candidates = mx.where(mx.arange(width) < ks, candidates, _NEG_INF)
+    kth = mx.take_along_axis(candidates, ks - 1, axis=-1)  # ties with the k-th are kept, as in vLLM
+    candidates = mx.where(candidates >= kth, candidates, _NEG_INF)
     top_ps = mx.array([row.top_p if row.top_p is not None else 2.0 for row in rows])[:, None]
-    probs = mx.softmax(candidates, axis=-1)
-    mass_before = mx.cumsum(probs, axis=-1, inclusive=False)
+    mass_before = mx.cumsum(_top_k_probs(logits, candidates, kth), axis=-1, inclusive=False)
     kept = (mass_before < top_ps) & (candidates > _NEG_INF)
     kept_count = mx.maximum(kept.sum(axis=-1, keepdims=True), 1)
     threshold = mx.take_along_axis(candidates, kept_count - 1, axis=-1)
     threshold = mx.where(mx.array(filtered)[:, None], threshold, _NEG_INF)
     return mx.where(logits >= threshold, logits, _NEG_INF)
+
+
+def _top_k_probs(logits: mx.array, candidates: mx.array, kth: mx.array) -> mx.array:
+    """The candidates' probabilities among every token top_k keeps, over the whole vocabulary: tokens
+    tied with the k-th may lie past the candidate window and still take their share."""
+    top = candidates[:, :1]
+    total = mx.sum(mx.where(logits >= kth, mx.exp(logits - top), 0.0), axis=-1, keepdims=True)
+    return mx.exp(candidates - top) / total
 
 
 def process_logits(logits: mx.array, rows: Sequence[RowSampler]) -> mx.array:
@@ -255,7 +271,7 @@ def process_logits(logits: mx.array, rows: Sequence[RowSampler]) -> mx.array:
 @functools.lru_cache(maxsize=16)
 def _batched_gumbel(vocab_size: int) -> Callable[[mx.array], mx.array]:
     """Map (S, 2) keys to (S, V) Gumbel noise; row i depends only on key i."""
-    return mx.vmap(lambda key: mx.random.gumbel(shape=(vocab_size,), key=key))
+    return mx.vmap(lambda key: mx.maximum(mx.random.gumbel(shape=(vocab_size,), key=key), _GUMBEL_FLOOR))
 
 
 def _draw(processed: mx.array, rows: Sequence[RowSampler]) -> mx.array:

@@ -203,6 +203,40 @@ def test_top_k_keeps_exactly_k():
     np.testing.assert_allclose(out[2][[0, 1, 2, 5]], [1.0, 3.0, 2.0, 2.5])
 
 
+def test_tokens_tied_with_the_kth_are_kept_and_share_the_nucleus():
+    """As vLLM: top_k keeps ties with the k-th logit, and top_p's probabilities count them, even past
+    the candidate window (k=2 reads two candidates; the tied third still takes its share of the mass)."""
+    logits = [3.0, 1.0, 1.0]
+    only_k, with_p = processed([logits] * 2, [row(vocab_size=3, temperature=1, top_k=2),
+                                              row(vocab_size=3, temperature=1, top_k=2, top_p=0.8)])
+    assert kept_tokens(only_k) == [0, 1, 2]
+    # probabilities 0.787, 0.107, 0.107: 0.8 is not reached by token 0 alone, so the tie at 1 is kept
+    assert kept_tokens(with_p) == [0, 1, 2]
+
+
+def test_a_tiny_temperature_counts_as_vllms_floor_and_never_overflows():
+    logits = [1.0, 2.0, -1.0, 0.0]
+    for temperature in (1e-3, 1e-40, 5e-324):
+        np.testing.assert_allclose(processed([logits], [row(vocab_size=4, temperature=temperature)])[0],
+                                   np.array(logits) / 0.01)
+    rows = [row(vocab_size=4, temperature=5e-324, seed=seed, **extra) for seed in range(1, 11)
+            for extra in ({}, {"top_k": 2}, {"top_p": 0.9})]
+    assert np.array(sample(mx.array([logits] * len(rows)), rows)).tolist() == [1] * len(rows)
+
+
+def test_gumbel_noise_of_minus_infinity_cannot_pick_a_filtered_token():
+    """Seed 26479 draws u == 0 at token 228139 on its first step at Gemma's vocabulary size: the noise
+    there would be -inf and the lone kept token would lose to token 0 (<pad>)."""
+    vocab, only = 256000, 228139
+    logits = mx.zeros((1, vocab))
+    logits[0, only] = 30.0
+    for params in ({"top_k": 1}, {"top_p": 0.9, "temperature": 0.7}):
+        params = {"temperature": 1.0, **params}
+        assert sample(logits, [row(vocab_size=vocab, seed=26479, **params)]).tolist() == [only]
+    noise = sampler_module._batched_gumbel(vocab)(mx.stack([mx.random.key(26479)]))
+    assert float(noise.min()) > -INF
+
+
 def test_top_k_larger_than_vocab_keeps_all():
     out = processed([BASE], [row(temperature=1, top_k=50)])[0]
     np.testing.assert_allclose(out, BASE)
