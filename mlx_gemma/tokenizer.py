@@ -9,13 +9,17 @@ Contract:
 - `stop_ids` holds <eos>, <end_of_turn> and any eos id of generation_config.json.
 - `StreamingDetokenizer` turns ids into text pieces whose concatenation equals
   `decode(all ids)`: it never emits a split UTF-8 character (byte-fallback tokens are held until
-  the character completes) and keeps each piece's leading space.
+  the character completes) and keeps each piece's leading space. One exception: where the ids
+  end part way through a byte-fallback character, the pieces keep the complete characters of
+  that byte run and end with U+FFFD, where `decode` turns the whole run into U+FFFD.
 Reads a Hugging Face `tokenizer.json` with the `tokenizers` library.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import re
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -23,6 +27,7 @@ from tokenizers import Tokenizer
 
 STOP_TOKENS = ("<eos>", "<end_of_turn>")
 REPLACEMENT_CHAR = "\ufffd"
+_BYTE_TOKEN = re.compile(r"<0x[0-9A-F]{2}>")
 
 
 class GemmaTokenizer:
@@ -57,6 +62,12 @@ class GemmaTokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         return self._raw.decode(list(ids), skip_special_tokens=True)
 
+    @functools.cached_property
+    def byte_values(self) -> dict[int, int]:
+        """The byte-fallback tokens ("<0xE2>"): id -> the byte each stands for."""
+        return {token_id: int(token[3:5], 16) for token, token_id in self._raw.get_vocab().items()
+                if _BYTE_TOKEN.fullmatch(token)}
+
     def token_to_id(self, token: str) -> int | None:
         return self._raw.token_to_id(token)
 
@@ -87,33 +98,32 @@ def _generation_eos_ids(path: Path) -> list[int]:
 class StreamingDetokenizer:
     """Feed ids one at a time with `add`; each call returns the text that became final.
 
-    It decodes the ids since the last safe point (a boundary where the text had no pending
-    partial character) and emits only the new suffix, so the cost per token is bounded by the
-    segment, which restarts once it has grown and ends on a complete character.
+    It decodes the ids held since the last piece it returned: one token, or the byte-fallback
+    tokens of a character still incomplete. A piece is returned, and the held ids dropped, as soon
+    as their text ends on a complete character. Decoding no more than that also keeps characters
+    that completed before a cut-off one: the tokenizer's decode turns a whole run of byte tokens
+    into U+FFFD when the run ends part way through a character.
     """
-
-    segment_limit = 16
 
     def __init__(self, tokenizer: GemmaTokenizer):
         self._tokenizer = tokenizer
-        self._segment: list[int] = []
-        self._emitted = 0  # characters of the segment's text already returned
+        self._held: list[int] = []
 
     def add(self, token_id: int) -> str:
-        self._segment.append(token_id)
-        text = self._tokenizer.decode(self._segment)
+        self._held.append(token_id)
+        text = self._tokenizer.decode(self._held)
         if text.endswith(REPLACEMENT_CHAR):
             return ""  # a character is still incomplete: wait for its next bytes
-        piece = text[self._emitted :]
-        if len(self._segment) >= self.segment_limit:
-            self._segment, self._emitted = [], 0
-        else:
-            self._emitted = len(text)
-        return piece
+        self._held = []
+        return text
 
     def flush(self) -> str:
-        """Return whatever is held back (an incomplete character decodes as U+FFFD)."""
-        text = self._tokenizer.decode(self._segment)
-        piece = text[self._emitted :]
-        self._segment, self._emitted = [], 0
-        return piece
+        """Return whatever is held back: an incomplete character at the end reads as one U+FFFD, as
+        Python's `bytes.decode("utf-8", "replace")` reads it (the tokenizer gives one per byte)."""
+        held, self._held = self._held, []
+        byte_values = self._tokenizer.byte_values
+        cut = len(held)
+        while cut and held[cut - 1] in byte_values:
+            cut -= 1
+        tail = bytes(byte_values[token_id] for token_id in held[cut:])
+        return self._tokenizer.decode(held[:cut]) + tail.decode("utf-8", "replace")

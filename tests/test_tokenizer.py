@@ -51,12 +51,22 @@ def test_leading_space_is_kept(tok):
     assert "".join(pieces) == "Hi there" and any(p.startswith(" ") for p in pieces)
 
 
-def test_long_streams_restart_segments_without_loss(tok):
+def test_long_streams_lose_nothing(tok):
     text = " ".join(TEXTS) * 4
     ids = tok.encode(text)
-    assert len(ids) > 3 * tok.detokenizer().segment_limit
     detok = tok.detokenizer()
     assert "".join(detok.add(i) for i in ids) + detok.flush() == text
+
+
+def test_a_character_cut_off_costs_only_itself(tok):
+    """Two 4-byte characters as 8 byte tokens, cut after 6: the first stays, the cut one is one U+FFFD
+    (as Python's decode with errors="replace"), where the tokenizer's decode blanks the whole run."""
+    ids = tok.encode("\U0001d522\U0001d522")
+    assert all(i in tok.byte_values for i in ids) and len(ids) == 8
+    detok = tok.detokenizer()
+    pieces = [detok.add(i) for i in ids[:6]] + [detok.flush()]
+    assert pieces == ["", "", "", "\U0001d522", "", "", "\ufffd"]
+    assert tok.decode(ids[:6]) == "\ufffd" * 6
 
 
 def test_incomplete_character_is_flushed_at_the_end(tok):
