@@ -237,9 +237,10 @@ def _apply_top_k_top_p(logits: mx.array, rows: Sequence[RowSampler]) -> mx.array
     ks = mx.array([row.top_k or width for row in rows], mx.int32)[:, None]
     kth = mx.take_along_axis(candidates, ks - 1, axis=-1)  # ties with the k-th are kept, as in vLLM
     candidates = mx.where(candidates >= kth, candidates, _NEG_INF)
-    top_ps = mx.array([row.top_p if row.top_p is not None else 2.0 for row in rows])[:, None]
-    mass_before = mx.cumsum(_top_k_probs(logits, candidates, kth), axis=-1, inclusive=False)
-    kept = (mass_before < top_ps) & (candidates > _NEG_INF)
+    kept = candidates > _NEG_INF
+    if any(row.top_p is not None for row in rows):
+        top_ps = mx.array([row.top_p if row.top_p is not None else 2.0 for row in rows])[:, None]
+        kept = kept & (mx.cumsum(_top_k_probs(logits, candidates, kth), axis=-1, inclusive=False) < top_ps)
     kept_count = mx.maximum(kept.sum(axis=-1, keepdims=True), 1)
     threshold = mx.take_along_axis(candidates, kept_count - 1, axis=-1)
     threshold = mx.where(mx.array(filtered)[:, None], threshold, _NEG_INF)

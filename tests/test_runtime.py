@@ -7,7 +7,6 @@ import re
 import numpy as np
 import pytest
 
-import mlx_gemma
 from mlx_gemma.chat import prompt_ids
 
 

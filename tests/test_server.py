@@ -463,6 +463,10 @@ def test_openai_values_as_vllm_takes_them(client: TestClient, server_runtime: ml
     assert text(seed=-5, max_tokens=12) == expected(seed=9999999995, max_tokens=12)
     assert text(seed=7, top_k=-1, max_tokens=12) == text(seed=7, top_k=0, max_tokens=12) == expected(seed=7, max_tokens=12)
     assert text(seed=7.0, max_tokens=5.0, top_k=3.0) == expected(seed=7, max_tokens=5, top_k=3)
+    for flag in (False, True):  # a boolean is no number, as before
+        for field in ("seed", "top_k"):
+            refused = client.post("/v1/completions", json={"prompt": "Hi", field: flag})
+            assert refused.status_code == 400 and f"{field}={flag} has type bool" in refused.json()["error"]["message"]
 
 
 def test_openai_text_parts_are_joined_with_newlines(client: TestClient, server_runtime: mlx_gemma.Runtime) -> None:

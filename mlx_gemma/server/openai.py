@@ -76,14 +76,18 @@ def sampling(body: dict[str, Any], default_max_tokens: int) -> dict[str, Any]:
     _refuse_unsupported(body)
     body = {key: _integral(body[key]) if key in INTEGER_FIELDS else body[key] for key in body}
     args = {key: body[key] for key in SAMPLING_FIELDS if body.get(key) is not None}
-    if isinstance(args.get("top_k"), int) and args["top_k"] <= 0:
+    if _is_int(args.get("top_k")) and args["top_k"] <= 0:
         del args["top_k"]  # vLLM's -1 (and 0): no top-k
-    if isinstance(args.get("seed"), int) and not 1 <= args["seed"] <= SEED_RANGE:
+    if _is_int(args.get("seed")) and not 1 <= args["seed"] <= SEED_RANGE:
         args["seed"] = args["seed"] % SEED_RANGE + 1  # OpenAI takes any integer seed
     max_tokens = next((body[key] for key in ("max_completion_tokens", "max_tokens") if body.get(key) is not None), None)
     args["max_tokens"] = default_max_tokens if max_tokens is None else max_tokens
     args.setdefault("temperature", 1.0)  # OpenAI's default
     return args
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # false is no seed 0, nor a top_k
 
 
 def _integral(value: Any) -> Any:
