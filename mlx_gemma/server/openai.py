@@ -34,7 +34,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Mount, Route
 
 from ..lora.store import FinetuneNotFound
-from .schema import ApiError, bad_input
+from .schema import ApiError, bad_input, integral
 from .service import AsyncTextStream, Service
 from .workers_ai import (PREFIX, SSE_HEADERS, read_json, service_of, sse, started, unless_gone, until_error,
                          while_connected)
@@ -74,7 +74,7 @@ async def resolve_model(service: Service, model: Any) -> str | None:
 def sampling(body: dict[str, Any], default_max_tokens: int) -> dict[str, Any]:
     """Sampler arguments from the body; null means unset, as in OpenAI's API."""
     _refuse_unsupported(body)
-    body = {key: _integral(body[key]) if key in INTEGER_FIELDS else body[key] for key in body}
+    body = {key: integral(body[key]) if key in INTEGER_FIELDS else body[key] for key in body}
     args = {key: body[key] for key in SAMPLING_FIELDS if body.get(key) is not None}
     if _is_int(args.get("top_k")) and args["top_k"] <= 0:
         del args["top_k"]  # vLLM's -1 (and 0): no top-k
@@ -88,11 +88,6 @@ def sampling(body: dict[str, Any], default_max_tokens: int) -> dict[str, Any]:
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)  # false is no seed 0, nor a top_k
-
-
-def _integral(value: Any) -> Any:
-    """8.0 -> 8, as JSON Schema and pydantic read an integer field; anything else as it is."""
-    return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
 def _refuse_unsupported(body: dict[str, Any]) -> None:
@@ -296,19 +291,18 @@ async def model(request: Request) -> Response:
     rows = await model_rows(service)
     row = next((row for row in rows if row["id"] == name), None)
     if row is None:  # a fine-tune's id: its row, which names it
-        finetune = await asyncio.to_thread(_complete_finetune, service, name)
-        row = next((row for row in rows if finetune and row["id"] == finetune.name), None)
+        finetune = await asyncio.to_thread(_finetune_or_none, service, name)
+        row = next((row for row in rows if finetune and row["id"] == finetune.name), None)  # listed: complete
     if row is None:
         raise ApiError(404, 3037, f"The model {name!r} does not exist: GET /v1/models lists the served ones")
     return JSONResponse(row)
 
 
-def _complete_finetune(service: Service, id_or_name: str) -> Any:
+def _finetune_or_none(service: Service, id_or_name: str) -> Any:
     try:
-        finetune = service.store.get(id_or_name)
+        return service.store.get(id_or_name)
     except FinetuneNotFound:
         return None
-    return finetune if finetune.complete else None
 
 
 def _model_row(name: str, owner: str) -> dict[str, Any]:

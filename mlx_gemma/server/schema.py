@@ -145,11 +145,16 @@ def validate_run_body(body: dict[str, Any]) -> dict[str, Any]:
     return body
 
 
+def integral(value: Any) -> Any:
+    """8.0 -> 8, as JSON Schema (and pydantic) read an integer field; anything else as it is."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
 def _coerce(body: dict[str, Any]) -> dict[str, Any]:
     strings = {"true": True, "false": False}
     body = {key: strings.get(value, value) if key in BOOLEAN_FIELDS and isinstance(value, str) else value
             for key, value in body.items()}
-    return {key: int(value) if key in INTEGER_FIELDS and isinstance(value, float) and value.is_integer() else value
+    return {key: integral(value) if key in INTEGER_FIELDS else value
             for key, value in body.items()}
 
 
