@@ -12,10 +12,12 @@ Screenshots are kept in tests/artifacts/playground/ (ignored by git).
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import contextlib
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +26,9 @@ import pytest
 
 import mlx_gemma
 from mlx_gemma.server.app import build_app
+from mlx_gemma.server.schema import failure
 from mlx_gemma.server.service import Settings
+from mlx_gemma.server.workers_ai import sse, until_error
 
 from conftest import FIXTURES, ROOT
 from serving import serving
@@ -139,6 +143,12 @@ def api_error_message(response: httpx.Response) -> str:
     assert response.json()["success"] is False
     [error] = response.json()["errors"]
     return f"Error {error['code']}: {error['message']}"
+
+
+def threading_run(make_coroutine: Any) -> Any:
+    """asyncio.run in a thread of its own."""
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(lambda: asyncio.run(make_coroutine())).result()
 
 
 def focused_id(page: Page) -> str:
@@ -357,3 +367,25 @@ def test_fits_desktop_and_phone_screens(browser: Browser, url: str, width: int, 
             shot = ARTIFACTS / f"playground-{width}x{height}{'-full' if full_page else ''}.png"
             tab.screenshot(path=str(shot), full_page=full_page)
             print(f"screenshot: {shot}")
+
+
+def test_a_stream_that_fails_part_way_shows_the_error_event(page: Page) -> None:
+    """The server's own bytes for a stream that fails after its first piece (the status was 200 by then)."""
+    async def failing() -> AsyncIterator[bytes]:
+        yield sse({"response": "Hello"})
+        raise RuntimeError("the engine stopped")
+
+    async def collect() -> bytes:
+        return b"".join([event async for event in until_error(failing(), lambda e: failure(e.code, e.message))])
+
+    body = threading_run(collect)  # Playwright's own event loop runs in this thread
+    page.route(f"**{API}/run/**", lambda route: route.fulfill(status=200, body=body,
+                                                               headers={"content-type": "text/event-stream"}))
+    use_token(page, TOKEN)
+    fill_request(page, GREEDY)
+    page.click("#send")
+    expect(page.locator("#run-status")).to_have_attribute("data-state", "error")
+    expect(page.locator("#reply")).to_have_text("Hello")
+    expect(page.locator("#run-error")).to_contain_text("The reply stream ended with an error.")
+    expect(page.locator("#run-error")).to_contain_text(
+        "Error 3043: AiError: Internal server error: RuntimeError: the engine stopped")

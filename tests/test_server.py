@@ -7,6 +7,7 @@ show the server serves exactly what the Python API gives.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 from pathlib import Path
@@ -121,6 +122,9 @@ BAD_BODIES = [
     ({"prompt": ""}, "prompt: '' should be non-empty"),
     ({"messages": [{"role": "user"}]}, "messages[0]: 'content' is a required property"),
     ({"prompt": "a", "repetition_penalty": 0}, "repetition_penalty=0 is out of range: use a number greater than 0 and at most 2 (1 means off)"),
+    ({"prompt": "a", "lora": 5}, "lora: 5 is not of type 'string'"),  # once, though two checks find it
+    ({"prompt": "x" * 131073}, f"prompt: '{'x' * 59}... (131073 characters) is too long"),  # no echo of megabytes
+    ({"prompt": "a", "seed": 1e300}, f"seed: {int(1e300)!s:.60}... (301 characters) is greater than the maximum of 9999999999"),
 ]
 
 
@@ -510,3 +514,24 @@ def test_a_stream_that_fails_part_way_ends_with_the_error_and_done(client: TestC
     text = "".join(c["choices"][0]["delta"].get("content", "") if "choices" in c else c["response"] for c in chunks)
     assert text and full.startswith(text) and text != full
     assert client.get("/healthz").json()["active"] == 0
+
+
+def test_a_client_gone_before_the_answer_begins_gets_499_and_its_row_leaves(server_runtime: mlx_gemma.Runtime,
+                                                                           tmp_path: Path) -> None:
+    app = build_app(server_runtime, Settings(data_dir=tmp_path / "data"))
+    body = json.dumps({"prompt": "Count forever", "temperature": 0, "max_tokens": 100000}).encode()
+    incoming = [{"type": "http.request", "body": body, "more_body": False}, {"type": "http.disconnect"}]
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        return incoming.pop(0) if incoming else {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": RUN, "raw_path": RUN.encode(), "query_string": b"", "root_path": "",
+             "headers": [(b"content-type", b"application/json")], "client": ("127.0.0.1", 1), "server": ("t", 80)}
+    asyncio.run(app(scope, receive, send))
+    assert [m["status"] for m in sent if m["type"] == "http.response.start"] == [499]
+    assert server_runtime.engine.call(lambda: server_runtime.engine.active).result(timeout=5) == 0

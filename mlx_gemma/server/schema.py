@@ -139,9 +139,9 @@ def validate_run_body(body: dict[str, Any]) -> dict[str, Any]:
     problems = [_describe(error) for error in _variant_validators()[variant].iter_errors(body)]
     problems += [f"{name}: {why}" for name, why in UNSUPPORTED_FIELDS.items() if body.get(name)]
     if "lora" in body and not isinstance(body["lora"], str):
-        problems.append(f"lora: {body['lora']!r} is not of type 'string'")
+        problems.append(f"lora: {shortened(body['lora'])} is not of type 'string'")
     if problems:
-        raise bad_input("; ".join(sorted(problems)))
+        raise bad_input("; ".join(sorted(set(problems))))
     return body
 
 
@@ -169,4 +169,12 @@ def _variant(body: dict[str, Any]) -> str:
 
 def _describe(error: jsonschema.ValidationError) -> str:
     where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error.absolute_path).lstrip(".")
-    return f"{where or 'body'}: {error.message}"
+    return f"{where or 'body'}: {error.message.replace(repr(error.instance), shortened(error.instance))}"
+
+
+def shortened(value: Any, limit: int = 80) -> str:
+    """repr(value), cut to about `limit` characters: an error names a value without echoing megabytes back."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit - 20]}... ({len(value) if isinstance(value, str) else len(text)} characters)"

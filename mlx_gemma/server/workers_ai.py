@@ -64,13 +64,13 @@ async def while_connected(request: Request, stream: AsyncTextStream, work: Await
     batch at the next step (or never starts), and raise ClientGone."""
     task, gone = asyncio.ensure_future(work), asyncio.ensure_future(_disconnect(request))
     try:
-        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         gone.cancel()
         if not task.done():
-            task.cancel()
+            task.cancel()  # only asks: the task is not cancelled (nor done) until the loop runs it again
             stream.cancel()
-    if task.cancelled():
+    if task not in done:
         raise ClientGone()
     return task.result()
 

@@ -12,7 +12,8 @@
  *   `data: {"response": "", "usage": {...}}`, then `data: [DONE]`; when it ends the page shows
  *   the usage and tokens/s. Closing the stream (Stop) ends the generation on the server.
  * - A failed call shows the HTTP status and each {code, message} of the error envelope as the
- *   server sent it; a call that cannot reach the server says so.
+ *   server sent it; a call that cannot reach the server says so. A stream that fails part way
+ *   ends with an error envelope as an event (then [DONE]): the page shows it the same way.
  */
 "use strict";
 
@@ -37,6 +38,9 @@
   }
 
   class Unreachable extends Error {}
+
+  /* An error envelope sent as an event: the status line (200) had gone out before the failure. */
+  class StreamFailure extends ApiFailure {}
 
   function authorization() {
     const token = sessionStorage.getItem(TOKEN_KEY);
@@ -96,7 +100,9 @@
     if (error instanceof ApiFailure) {
       const lines = error.errors.map((item) => line(item.code === null || item.code === undefined
         ? "" : `Error ${item.code}: `, String(item.message)));
-      return [line("", `The server answered HTTP ${error.status}.`), ...lines];
+      const first = error instanceof StreamFailure ? "The reply stream ended with an error."
+        : `The server answered HTTP ${error.status}.`;
+      return [line("", first), ...lines];
     }
     if (error instanceof Unreachable) {
       return [line("", `Cannot reach the server at ${location.origin}: is mlx-gemma serve still running? `
@@ -371,7 +377,7 @@
   async function readEvents(response, started) {
     const reader = response.body.getReader();
     const decoder = new TextDecoder();
-    const outcome = { usage: null, done: false, firstAt: null, started };
+    const outcome = { usage: null, done: false, failure: null, firstAt: null, started };
     let buffer = "";
     for (;;) {
       const { value, done } = await readChunk(reader);
@@ -402,6 +408,7 @@
         continue;
       }
       const piece = JSON.parse(data);
+      if (piece.success === false) outcome.failure = new StreamFailure(200, piece.errors || []);
       if (piece.response) appendText(piece.response, outcome);
       if (piece.usage) outcome.usage = piece.usage;
     }
@@ -419,6 +426,11 @@
 
   function finishRun(outcome, started) {
     const seconds = (performance.now() - started) / 1000;
+    if (outcome.failure) {
+      setStatus("run-status", "The reply failed part way: what came before the error is shown.", "error");
+      showError(byId("run-error"), outcome.failure);
+      return;
+    }
     if (!outcome.done) {
       setStatus("run-status", "The stream ended before [DONE]: the reply may be cut short.", "error");
       return;
