@@ -317,3 +317,46 @@ def test_adapters_in_use_are_not_evicted(tiny_dir):
 def test_fuse_needs_a_named_adapter(tiny_dir):
     with pytest.raises(ValueError, match="fuse='x' names no adapter"):
         mlx_gemma.load(tiny_dir, fuse="x")
+
+
+def test_the_content_hash_is_of_the_bytes_loaded_even_when_a_file_is_replaced_meanwhile(tiny_dir, tmp_path,
+                                                                                         monkeypatch):
+    """A re-upload that replaces the weights while they are read must not give the old weights the new
+    hash: the prefix cache, keyed by it, would then serve the old adapter's KV to the new one."""
+    from mlx_gemma.lora import adapters
+    rt = mlx_gemma.load(tiny_dir)
+    base = rt.registry.base_info()
+    first, second = tmp_path / "first", tmp_path / "second"
+    shutil.copytree(FIXTURES / "adapters" / "all7_r8", first)
+    shutil.copytree(FIXTURES / "adapters" / "second_all7_r8", second)
+    expected = adapters.read_adapter(first, base)
+    loaded_tensors = adapters._load_tensors
+
+    def load_then_replace(*args):
+        tensors = loaded_tensors(*args)
+        shutil.copy(second / "adapter_model.safetensors", first / "adapter_model.safetensors")
+        return tensors
+
+    monkeypatch.setattr(adapters, "_load_tensors", load_then_replace)
+    raced = adapters.read_adapter(first, base)
+    assert raced.content_hash == expected.content_hash
+    module = next(iter(expected.modules))
+    assert mx.array_equal(raced.modules[module].a, expected.modules[module].a)
+    rt.close()
+
+
+def test_fuse_into_an_mxfp4_base_dequantizes_with_its_mode(tiny_dir):
+    import mlx.nn as nn
+    from mlx_gemma.loading import load_model
+    from mlx_gemma.lora import adapters, layers
+    loaded = load_model(tiny_dir)
+    nn.quantize(loaded.model, group_size=32, bits=4, mode="mxfp4",
+                class_predicate=lambda path, module: isinstance(module, nn.Linear) and "proj" in path)
+    q_proj = loaded.model.model.layers[0].self_attn.q_proj
+    dense = mx.dequantize(q_proj.weight, q_proj.scales, None, 32, 4, mode="mxfp4")
+    adapter = adapters.read_adapter(ADAPTERS / "all7_r8", adapters.BaseInfo("gemma", layers.linear_dims(loaded.model)))
+    assert layers.fuse(loaded.model, adapter) == 14
+    weights = adapter.modules["model.layers.0.self_attn.q_proj"]
+    expected = dense + (weights.a @ weights.b).T
+    fused = loaded.model.model.layers[0].self_attn.q_proj.weight  # in the dequantized dtype, bfloat16
+    assert mx.allclose(fused.astype(mx.float32), expected, atol=4e-3).item()

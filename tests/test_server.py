@@ -20,6 +20,7 @@ from mlx_gemma.engine import Request
 from mlx_gemma.sampler import GenerationParams
 from mlx_gemma.server.app import build_app
 from mlx_gemma.server.openai import StopWatcher
+from mlx_gemma.server.schema import finetune_not_found
 from mlx_gemma.server.service import Settings
 
 from conftest import FIXTURES
@@ -183,7 +184,23 @@ def test_the_server_limits_reach_adapter_validation(tiny_dir: Path, tmp_path: Pa
         create_finetune(small, "rank8", files={"adapter_config.json": (ADAPTER / "adapter_config.json").read_bytes()})
         response = upload(small, "rank8", "adapter_model.safetensors", (ADAPTER / "adapter_model.safetensors").read_bytes())
     assert response.status_code == 400
-    assert "rank 8 is over the limit of 4" in response.json()["errors"][0]["message"]
+    assert response.json()["errors"][0]["message"] == (  # once, though every module is over it
+        "AiError: Bad input: adapter_model.safetensors for fine-tune 'rank8' refused: rank 8 is over the limit of 4: "
+        "train with r <= 4 (Workers AI's limit is 32), or raise the limit (mlx-gemma serve --max-adapter-rank, "
+        "max_adapter_rank= in Python)")
+
+
+def test_an_upload_over_the_limit_names_the_file_limit_and_the_flag(server_runtime: mlx_gemma.Runtime,
+                                                                    tmp_path: Path) -> None:
+    app = build_app(server_runtime, Settings(data_dir=tmp_path, max_upload_bytes=1024 * 1024))
+    with TestClient(app) as small:
+        create_finetune(small, "big", files={})
+        response = upload(small, "big", "adapter_model.safetensors", b"\0" * (1024 * 1024 + 70 * 1024))
+    assert response.status_code == 413
+    body = response.json()["errors"][0]["message"]
+    assert body.startswith("AiError: Request too large: the upload is ")
+    assert body.endswith(" bytes and a fine-tune file may be at most 1048576 bytes: upload a smaller adapter "
+                         "(a lower rank), or start the server with a larger --max-upload-mb")
 
 
 def test_finetune_lifecycle_and_lora_by_name_and_id(client: TestClient, reference: mlx_gemma.Runtime) -> None:
@@ -535,3 +552,66 @@ def test_a_client_gone_before_the_answer_begins_gets_499_and_its_row_leaves(serv
     asyncio.run(app(scope, receive, send))
     assert [m["status"] for m in sent if m["type"] == "http.response.start"] == [499]
     assert server_runtime.engine.call(lambda: server_runtime.engine.active).result(timeout=5) == 0
+
+
+def test_versions_in_use_when_replaced_or_deleted_leave_once_released(client: TestClient,
+                                                                      server_runtime: mlx_gemma.Runtime) -> None:
+    registry, engine = server_runtime.registry, server_runtime.engine
+    finetune = create_finetune(client, "held")
+    assert client.post(RUN, json={"prompt": "Hi", "lora": "held", **GREEDY}).status_code == 200
+    [first] = [name for name in registry.names() if finetune["id"] in name]
+    engine.run(lambda: registry.acquire(first))  # a request still decoding with the first version
+    second_dir = FIXTURES / "adapters" / "second_all7_r8"
+    assert upload(client, "held", "adapter_model.safetensors",
+                  (second_dir / "adapter_model.safetensors").read_bytes()).status_code == 200
+    assert client.post(RUN, json={"prompt": "Hi", "lora": "held", **GREEDY}).status_code == 200
+    [second] = [name for name in registry.names() if finetune["id"] in name]
+    assert second != first and first in [row["name"] for row in registry.describe()]  # still loaded, in use
+    engine.run(lambda: registry.acquire(second))
+    assert client.delete(f"{ACCOUNT}/finetunes/held").status_code == 200
+    assert [name for name in registry.names() if finetune["id"] in name] == []
+    engine.run(lambda: registry.release(first))
+    engine.run(lambda: registry.release(second))
+    assert [row["name"] for row in registry.describe() if finetune["id"] in row["name"]] == []
+
+
+def test_a_finetune_deleted_meanwhile_is_404_under_the_name_the_client_sent(client: TestClient, monkeypatch) -> None:
+    create_finetune(client, "twice")
+    service = client.app.state.service
+    row = service.store.get("twice")
+    service.store.delete(row.id)  # a concurrent DELETE got there first
+    monkeypatch.setattr(service, "find_finetune", lambda value: row)  # this one found the row before that
+    for response in (client.delete(f"{ACCOUNT}/finetunes/twice"), upload(client, "twice", "adapter_config.json", b"{}")):
+        assert response.status_code == 404
+        assert response.json() == error(3037, finetune_not_found("twice").message)
+
+
+def test_a_finetune_may_not_take_the_name_of_a_static_adapter(tiny_dir: Path, tmp_path: Path) -> None:
+    runtime = mlx_gemma.load(tiny_dir, adapters={"sql": str(ADAPTER)})
+    with TestClient(build_app(runtime, Settings(data_dir=tmp_path / "data"))) as http:
+        response = http.post(f"{ACCOUNT}/finetunes", json={"model": "@cf/google/gemma-2b-it-lora", "name": "sql"})
+    assert response.status_code == 409
+    assert response.json() == error(5006, "AiError: Bad input: 'sql' is the name of an adapter this server loaded at "
+                                          "start (--adapter or --fuse), which lora='sql' serves: pick another name")
+    runtime.close()
+
+
+def test_a_request_that_read_the_row_before_a_reupload_gets_the_newer_version(client: TestClient,
+                                                                               server_runtime: mlx_gemma.Runtime) -> None:
+    service = client.app.state.service
+    create_finetune(client, "racing")
+    old_row = service.store.get("racing")
+    second_dir = FIXTURES / "adapters" / "second_all7_r8"
+    assert upload(client, "racing", "adapter_model.safetensors",
+                  (second_dir / "adapter_model.safetensors").read_bytes()).status_code == 200
+    newer = asyncio.run(service.resolve_lora("racing"))
+    older = f"finetune:{old_row.id}:{old_row.modified_at}"
+    assert server_runtime.engine.run(lambda: service._make_resident(older, old_row)) == newer
+    assert [name for name in server_runtime.registry.names() if old_row.id in name] == [newer]
+
+
+def test_serving_raises_when_uvicorn_cannot_start_instead_of_waiting_forever() -> None:
+    from mlx_gemma.server.background import serving
+    with pytest.raises(RuntimeError, match="the server did not start: uvicorn stopped before serving"):
+        with serving("no_such_module_anywhere:app"):
+            pass

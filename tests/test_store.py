@@ -329,6 +329,10 @@ def test_config_whose_rank_does_not_fit_the_weights_is_refused(store):
     store.add_asset("rank", WEIGHTS, fixture_bytes(WEIGHTS))
     assert_refused(store, AssetError, "do not fit the base layer", store.add_asset, "rank", CONFIG,
                    config_bytes(r=4))
+    assert_refused(store, AssetError, re.escape(
+        "The file is valid alone but does not match the fine-tune's adapter_model.safetensors: to change the "
+        "rank or the target modules, create a new fine-tune with both new files (or delete this one first)"),
+        store.add_asset, "rank", CONFIG, config_bytes(r=4))
 
 
 def test_weights_whose_shapes_do_not_fit_the_base_are_refused(store, tmp_path):
@@ -430,6 +434,19 @@ def test_reopening_recovers_from_a_killed_process(store):
     assert reopened.check() == [] and list(reopened.tmp_dir.iterdir()) == []
     assert not orphan.exists() and sorted(p.name for p in kept.path.iterdir()) == list(ASSET_NAMES)
     assert reopened.list() == [store.get("kept")] and reopened.get("kept").complete
+
+
+def test_another_process_opening_the_store_leaves_uploads_in_progress_alone(store):
+    """`mlx-gemma finetune list` beside a running server must not empty the server's tmp/."""
+    store.create(MODEL, "kept")
+    upload = store.tmp_dir / "in-progress.upload"
+    upload.write_bytes(b"half of a file")
+    listed = subprocess.run([sys.executable, "-m", "mlx_gemma", "finetune", "list", "--json",
+                             "--data-dir", str(store.data_dir)], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert listed.returncode == 0, listed.stderr
+    assert [row["name"] for row in json.loads(listed.stdout)] == ["kept"]
+    assert upload.read_bytes() == b"half of a file"
 
 
 def test_threads_uploading_to_their_own_fine_tunes(store):

@@ -32,6 +32,7 @@ data exactly); then, with both files and a base, `read_adapter` loads and checks
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import re
@@ -55,8 +56,12 @@ class AdapterError(ValueError):
     """An adapter cannot be served faithfully; `problems` lists every reason."""
 
     def __init__(self, path: str | Path, problems: list[str]):
-        self.problems = problems
-        super().__init__(f"adapter {str(path)!r} refused: " + "; ".join(problems))
+        self.problems = list(dict.fromkeys(problems))  # each once, in order: a limit may be hit by every module
+        super().__init__(f"adapter {str(path)!r} refused: " + "; ".join(self.problems))
+
+
+SHAPE_MISMATCH = "do not fit the base layer"  # the weights' shapes against the config's rank and the base
+_RAISE_SIZE = " (a server raises it with --max-upload-mb)"
 
 
 @dataclass(frozen=True)
@@ -106,18 +111,22 @@ def read_adapter(path: str | Path, base: BaseInfo, name: str | None = None,
                  limits: AdapterLimits = AdapterLimits()) -> Adapter:
     path = Path(path).expanduser()
     problems: list[str] = []
-    config, weights_file = _read_files(path, limits, problems)
+    config_bytes, weights_file = _read_files(path, limits, problems)
+    config = _parse_config(config_bytes, problems)
     if config is None or weights_file is None:
         raise AdapterError(path, problems)
     fmt = "peft" if weights_file.name == PEFT_WEIGHTS else "mlx-lm"
     _check_config(config, fmt, base.family, problems)
     if problems:  # the module math below reads the config's values
         raise AdapterError(path, problems)
-    tensors = _load_tensors(weights_file, problems)
+    # Each file is read once: the hash (the prefix cache's key) is of exactly the bytes loaded,
+    # even when a re-upload replaces a file while this runs.
+    weights_bytes = weights_file.read_bytes()
+    tensors = _load_tensors(weights_bytes, weights_file.name, problems)
     modules = (_peft_modules if fmt == "peft" else _mlx_lm_modules)(config, tensors, base, limits, problems)
     if problems or not modules:
         raise AdapterError(path, problems or ["the weights file holds no LoRA tensors"])
-    return Adapter(name or path.name, path, fmt, modules, _content_hash(path / CONFIG, weights_file), config)
+    return Adapter(name or path.name, path, fmt, modules, _content_hash(config_bytes, weights_bytes), config)
 
 
 def check_adapter_files(path: str | Path, base: BaseInfo | None = None,
@@ -147,7 +156,7 @@ def check_adapter_files(path: str | Path, base: BaseInfo | None = None,
 def _within_limit(file: Path, limits: AdapterLimits, problems: list[str]) -> bool:
     size = file.stat().st_size
     if size > limits.max_file_bytes:
-        problems.append(f"{file.name} is {size} bytes, over the limit of {limits.max_file_bytes}")
+        problems.append(f"{file.name} is {size} bytes, over the limit of {limits.max_file_bytes}{_RAISE_SIZE}")
     return size <= limits.max_file_bytes
 
 
@@ -240,11 +249,12 @@ def _tiles(spans: list[tuple[int, int]], total: int) -> bool:
     return position == total
 
 
-def _read_files(path: Path, limits: AdapterLimits, problems: list[str]) -> tuple[dict | None, Path | None]:
+def _read_files(path: Path, limits: AdapterLimits, problems: list[str]) -> tuple[bytes | None, Path | None]:
+    """The config's bytes (None when missing) and the weights file present, checked against the size limit."""
     if not path.is_dir():
         problems.append(f"no adapter directory at {str(path)!r}")
         return None, None
-    config = _read_config(path / CONFIG, problems)
+    config = (path / CONFIG).read_bytes() if (path / CONFIG).is_file() else None
     weights_file = next((path / n for n in (PEFT_WEIGHTS, MLX_LM_WEIGHTS) if (path / n).is_file()), None)
     if weights_file is None:
         pickled = (path / "adapter_model.bin").exists()
@@ -253,16 +263,21 @@ def _read_files(path: Path, limits: AdapterLimits, problems: list[str]) -> tuple
                         f"no {PEFT_WEIGHTS} (PEFT) or {MLX_LM_WEIGHTS} (mlx-lm) in the adapter directory")
     for file in (path / CONFIG, weights_file):
         if file is not None and file.is_file() and file.stat().st_size > limits.max_file_bytes:
-            problems.append(f"{file.name} is {file.stat().st_size} bytes, over the limit of {limits.max_file_bytes}")
+            problems.append(f"{file.name} is {file.stat().st_size} bytes, over the limit of "
+                            f"{limits.max_file_bytes}{_RAISE_SIZE}")
     return config, weights_file
 
 
 def _read_config(file: Path, problems: list[str]) -> dict | None:
-    if not file.is_file():
+    return _parse_config(file.read_bytes() if file.is_file() else None, problems)
+
+
+def _parse_config(raw: bytes | None, problems: list[str]) -> dict | None:
+    if raw is None:
         problems.append(f"no {CONFIG} in the adapter directory")
         return None
     try:
-        config = json.loads(file.read_text())
+        config = json.loads(raw.decode("utf-8"))
     except (ValueError, UnicodeDecodeError) as exc:
         problems.append(f"{CONFIG} is not valid JSON ({exc})")
         return None
@@ -389,18 +404,18 @@ def _compiles(pattern: str) -> bool:
     return True
 
 
-def _load_tensors(file: Path, problems: list[str]) -> dict[str, mx.array]:
+def _load_tensors(data: bytes, file_name: str, problems: list[str]) -> dict[str, mx.array]:
     try:
-        return mx.load(str(file))
+        return mx.load(io.BytesIO(data), format="safetensors")
     except Exception as exc:  # mlx raises plain RuntimeError/ValueError for corrupt files
-        problems.append(f"{file.name} is not a valid safetensors file ({exc})")
+        problems.append(f"{file_name} is not a valid safetensors file ({exc})")
         return {}
 
 
-def _content_hash(*files: Path) -> str:
+def _content_hash(*contents: bytes) -> str:
     digest = hashlib.sha256()
-    for file in files:
-        digest.update(file.read_bytes())
+    for content in contents:
+        digest.update(content)
     return digest.hexdigest()[:16]
 
 
@@ -503,11 +518,13 @@ def _checked(module: str, a: mx.array, b: mx.array, rank: int, scale: float, bas
     """a is (in, r), b is (r, out) here; check them against the base layer and the limits."""
     n_in, n_out = base.linears[module]
     if a.shape != (n_in, rank) or b.shape != (rank, n_out):
-        problems.append(f"{module}: shapes A {tuple(a.T.shape)} and B {tuple(b.T.shape)} do not fit the base "
-                        f"layer ({n_out} x {n_in}) at rank {rank}")
+        problems.append(f"{module}: shapes A {tuple(a.T.shape)} and B {tuple(b.T.shape)} {SHAPE_MISMATCH} "
+                        f"({n_out} x {n_in}) at rank {rank}")
         return None
     if rank > limits.max_rank:
-        problems.append(f"{module}: rank {rank} is over the limit of {limits.max_rank}")
+        problems.append(f"rank {rank} is over the limit of {limits.max_rank}: train with r <= {limits.max_rank} "
+                        "(Workers AI's limit is 32), or raise the limit (mlx-gemma serve --max-adapter-rank, "
+                        "max_adapter_rank= in Python)")
         return None
     a32, b32 = a.astype(mx.float32), b.astype(mx.float32) * scale
     if not (mx.all(mx.isfinite(a32)) and mx.all(mx.isfinite(b32))).item():

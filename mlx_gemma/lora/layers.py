@@ -229,7 +229,9 @@ def fuse(model: nn.Module, adapter: Adapter) -> int:
             raise ValueError(f"{path} serves resident adapters: fuse into a model without adapters")
         weight = base.weight
         if isinstance(base, nn.QuantizedLinear):
-            weight = mx.dequantize(base.weight, base.scales, base.biases, base.group_size, base.bits)
+            mode = getattr(base, "mode", "affine")  # mxfp4/nvfp4/mxfp8 layers have no biases
+            weight = mx.dequantize(base.weight, base.scales, getattr(base, "biases", None), base.group_size,
+                                   base.bits, **({"mode": mode} if mode != "affine" else {}))
             dequantized += 1
         delta = (weights.a @ weights.b).T  # (out, in), float32, scale folded in
         fused = nn.Linear(weight.shape[1], weight.shape[0], bias=False)

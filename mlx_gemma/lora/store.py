@@ -6,7 +6,9 @@ a request, loading it again from its path if it was evicted; `release(name)` end
 When a new adapter needs room, the least recently used adapter that no request is using is
 evicted (it stays known and reloads on demand); if every resident adapter is in use, the
 request is refused with an `AdapterBusyError` naming the limit and how to raise it.
-`remove(name)` forgets an adapter.
+`remove(name)` forgets an adapter; `retire(name)` does it now, or, while requests use the adapter,
+when the last of them releases it (no new request acquires it meanwhile, and `names()` leaves it
+out): a re-uploaded or deleted fine-tune's old version never stays loaded.
 Switching between resident adapters copies nothing: each request just carries a slot.
 
 `FinetuneStore(data_dir)` keeps fine-tunes on local disk, as Workers AI's fine-tunes API does:
@@ -19,8 +21,12 @@ PEFT files (`ASSET_NAMES`) in `<data_dir>/finetunes/<id>/`; uploads stream into 
   fsyncs it and `os.replace`s it into place: readers see the old file or the new one, never half.
   Any exception, including one from the upload's `read()`, leaves the store as it was.
 - Opening a store recovers from a killed process: it empties `tmp/`, deletes directories that have
-  no row and files that are not assets. It never deletes a row. `check()` lists what is
-  inconsistent (empty when all is well); an upload in progress shows there as a `tmp/` entry.
+  no row and files that are not assets. It never deletes a row. Only the process that owns the
+  data directory recovers: the first to hold the advisory lock on `<data_dir>/owner.lock` while it
+  runs (a server). Another process opening the same store meanwhile (`mlx-gemma finetune ...`
+  beside a running server) leaves `tmp/` and the directories alone, so uploads in progress
+  survive. `check()` lists what is inconsistent (empty when all is well); an upload in progress
+  shows there as a `tmp/` entry.
 - Symbolic links are never followed: a linked asset or fine-tune directory counts as absent (an
   upload to a linked directory is refused) and opening the store removes the link, never its
   target; a linked `tmp/` is replaced by a real directory; a linked `finetunes/` is refused.
@@ -29,7 +35,7 @@ Names are 1 to 128 characters among letters, digits, `-`, `_` and `.` (not first
 shaped like an id (lookups try ids first), and not one of `RESERVED_NAMES` (`public`:
 `GET finetunes/public` is the public listing).
 `is_disk_full(exc)` tells a full disk (or quota) apart from other errors; the store is unchanged then.
-One process owns a data directory (opening it clears `tmp/`); threads within it may share the store.
+Threads within a process may share the store; processes may share it too (SQLite and `os.replace`).
 """
 
 from __future__ import annotations
@@ -49,10 +55,16 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, BinaryIO
 
+try:
+    import fcntl
+except ImportError:  # no advisory file locks on this platform
+    fcntl = None
+
 import mlx.nn as nn
 
 from . import layers
-from .adapters import Adapter, AdapterError, AdapterLimits, BaseInfo, check_adapter_files, read_adapter
+from .adapters import (SHAPE_MISMATCH, Adapter, AdapterError, AdapterLimits, BaseInfo, check_adapter_files,
+                       read_adapter)
 
 
 class AdapterBusyError(RuntimeError):
@@ -69,6 +81,7 @@ class AdapterRegistry:
         self._paths: dict[str, Path] = {}
         self._resident: OrderedDict[str, tuple[Adapter, int]] = OrderedDict()
         self._in_use: Counter[str] = Counter()
+        self._retiring: set[str] = set()  # removed when their last request releases them
         self._lock = threading.RLock()
 
     def base_info(self) -> BaseInfo:
@@ -119,10 +132,19 @@ class AdapterRegistry:
             if name in self._resident:
                 self._evict(name)
             del self._paths[name]
+            self._retiring.discard(name)
+
+    def retire(self, name: str) -> None:
+        """Remove the adapter now, or when the last request using it releases it."""
+        with self._lock:
+            if self._in_use[name]:
+                self._retiring.add(name)
+            elif name in self._paths:
+                self.remove(name)
 
     def acquire(self, name: str) -> int:
         with self._lock:
-            if name not in self._paths:
+            if name not in self._paths or name in self._retiring:
                 raise KeyError(name)
             if name not in self._resident:
                 self._make_room()
@@ -134,13 +156,16 @@ class AdapterRegistry:
     def release(self, name: str) -> None:
         with self._lock:
             self._in_use[name] -= 1
+            if not self._in_use[name] and name in self._retiring:
+                self.remove(name)
 
     def get(self, name: str) -> Adapter | None:
         entry = self._resident.get(name)
         return entry[0] if entry else None
 
     def names(self) -> list[str]:
-        return list(self._paths)
+        """The adapters requests may name (not those retiring)."""
+        return [name for name in self._paths if name not in self._retiring]
 
     def describe(self) -> list[dict[str, Any]]:
         with self._lock:
@@ -218,6 +243,32 @@ class Finetune:
         return {column: getattr(self, column) for column in _COLUMNS}
 
 
+OWNER_LOCK = "owner.lock"
+_OWNED: dict[Path, int] = {}  # data directories this process owns: their lock files' descriptors, held open
+_OWNED_LOCK = threading.Lock()
+
+
+def _own(data_dir: Path) -> bool:
+    """Whether this process owns `data_dir`: it holds (or now takes) the exclusive lock on its lock file,
+    which it keeps until it exits. Where file locks do not exist, every process counts as the owner."""
+    if fcntl is None:
+        return True
+    key = data_dir.resolve()
+    with _OWNED_LOCK:
+        if key not in _OWNED:
+            lock_file = key / OWNER_LOCK
+            if lock_file.is_symlink():
+                lock_file.unlink()  # never lock (or create) a file elsewhere through a link
+            descriptor = os.open(lock_file, os.O_WRONLY | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+            try:
+                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:  # another process owns it
+                os.close(descriptor)
+                return False
+            _OWNED[key] = descriptor
+        return True
+
+
 class FinetuneStore:
     def __init__(self, data_dir: str | Path, validate: Callable[[Path], None] | None = None,
                  max_file_bytes: int = 300 * 1024 * 1024):
@@ -238,7 +289,8 @@ class FinetuneStore:
             directory.mkdir(parents=True, exist_ok=True)
         with self._db() as conn:
             conn.execute(_SCHEMA)
-        self._recover()
+        if _own(self.data_dir):
+            self._recover()
 
     @contextmanager
     def _db(self) -> Iterator[sqlite3.Connection]:
@@ -336,7 +388,8 @@ class FinetuneStore:
                 size += len(chunk)
                 if size > self.max_file_bytes:
                     raise AssetTooLarge(f"{file_name} is over the limit of {self.max_file_bytes} bytes: "
-                                        "upload a smaller adapter (a lower rank), or raise max_file_bytes")
+                                        "upload a smaller adapter (a lower rank), or raise the limit "
+                                        "(mlx-gemma serve --max-upload-mb, max_file_bytes= in Python)")
                 out.write(chunk)
             out.flush()
             os.fsync(out.fileno())
@@ -344,18 +397,35 @@ class FinetuneStore:
             raise AssetError(f"{file_name} is empty: upload the file's contents")
 
     def _check_asset(self, finetune: Finetune, file_name: str, upload: Path) -> None:
-        """Validate the upload together with the fine-tune's other asset, if it has one, in a staging directory."""
+        """Validate the upload together with the fine-tune's other asset, if it has one; when only the
+        pair is wrong (the upload is valid alone), say so and how to change both files."""
+        others = {other: finetune.path / other for other in finetune.files if other != file_name}
+        try:
+            self._validate_staged({file_name: upload, **others})
+        except AdapterError as exc:
+            refused = f"{file_name} for fine-tune {finetune.name!r} refused: " + "; ".join(exc.problems)
+            mismatched = any(SHAPE_MISMATCH in problem for problem in exc.problems)  # config r vs weights
+            if others and mismatched and self._valid_alone(file_name, upload):
+                raise AssetError(f"{refused}. The file is valid alone but does not match the fine-tune's "
+                                 f"{' and '.join(others)}: to change the rank or the target modules, create a "
+                                 "new fine-tune with both new files (or delete this one first)") from exc
+            raise AssetError(refused) from exc
+
+    def _valid_alone(self, file_name: str, upload: Path) -> bool:
+        try:
+            self._validate_staged({file_name: upload})
+        except AdapterError:
+            return False
+        return True
+
+    def _validate_staged(self, files: dict[str, Path]) -> None:
+        """Run the validator on a staging directory holding these files (linked, or copied)."""
         staging = self.tmp_dir / f"{uuid.uuid4()}.staging"
         try:
             staging.mkdir()
-            _link_or_copy(upload, staging / file_name)
-            for other in finetune.files:
-                if other != file_name:
-                    _link_or_copy(finetune.path / other, staging / other)
+            for name, source in files.items():
+                _link_or_copy(source, staging / name)
             self._validate(staging)
-        except AdapterError as exc:
-            raise AssetError(f"{file_name} for fine-tune {finetune.name!r} refused: "
-                             + "; ".join(exc.problems)) from exc
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 

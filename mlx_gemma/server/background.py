@@ -2,7 +2,8 @@
 
 Contract: `with serving(build_app(...)) as url:` starts uvicorn in a daemon thread on
 127.0.0.1 and an OS-chosen free port, yields `http://127.0.0.1:<port>` once the server
-accepts connections, and stops the server (waiting up to 10 s) when the block ends. For
+accepts connections (or raises RuntimeError if uvicorn stops before that), and stops the
+server (waiting up to 10 s) when the block ends. For
 notebooks, benchmarks and tests that want the real HTTP stack in one process.
 """
 
@@ -35,6 +36,9 @@ def serving(app: Any) -> Iterator[str]:
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     while not server.started:
+        if not thread.is_alive():  # uvicorn gave up (it logs why) before it accepted connections
+            sock.close()
+            raise RuntimeError(f"the server did not start: uvicorn stopped before serving {app!r} (see its log above)")
         time.sleep(0.02)
     try:
         yield f"http://127.0.0.1:{sock.getsockname()[1]}"

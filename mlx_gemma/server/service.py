@@ -131,6 +131,11 @@ class Service:
         """Adapters loaded by name (`--adapter NAME=PATH`), as opposed to fine-tunes from the store."""
         return {name for name in self.runtime.registry.names() if not name.startswith(FINETUNE_KEY)}
 
+    def adapter_names(self) -> set[str]:
+        """What `lora` names before any fine-tune: the static adapters and the fused one."""
+        fused = self.runtime.fused
+        return self.static_adapters | ({fused["name"]} if fused else set())
+
     def served_models(self) -> list[str]:
         names = self.settings.served_names or workers_ai_names(self.runtime)
         return [*names, self.runtime.name]
@@ -154,51 +159,48 @@ class Service:
             raise finetune_not_found(value) from None
 
     async def resolve_lora(self, value: str | None) -> str | None:
-        fused = self.runtime.fused
-        if value is None or value in self.static_adapters or (fused and value == fused["name"]):
+        if value is None or value in self.adapter_names():
             return value
         finetune = await asyncio.to_thread(self.find_finetune, value)
         if not finetune.complete:
             raise finetune_incomplete(finetune.name, finetune.missing())
         key = f"{FINETUNE_KEY}{finetune.id}:{finetune.modified_at}"
-        if key not in self.runtime.registry.names():
-            await self.on_engine(lambda: self._make_resident(key, finetune))
-        return key
+        if key in self.runtime.registry.names():
+            return key
+        return await self.on_engine(lambda: self._make_resident(key, finetune))
 
-    def _make_resident(self, key: str, finetune: Finetune) -> None:
-        """On the engine thread: load the fine-tune's files; forget its older versions.
-
-        A concurrent request may have made this very version resident meanwhile: it is kept, not
-        reloaded, since a request that resolved it may be about to use it."""
+    def _make_resident(self, key: str, finetune: Finetune) -> str:
+        """On the engine thread: load the fine-tune's files under `key` and retire its older versions;
+        return the key to serve. A concurrent request may have loaded this version, or a newer one
+        (it read the row after a re-upload), meanwhile: that one is served, never replaced by an older."""
         registry = self.runtime.registry
-        if key in registry.names():
-            return
-        stale = [name for name in registry.names() if name.startswith(f"{FINETUNE_KEY}{finetune.id}:")]
-        for name in stale:
-            try:
-                registry.remove(name)
-            except AdapterBusyError:
-                pass  # a running request still uses the old files; it is pruned next time
+        versions = sorted(self._versions(finetune.id))  # keys end in modified_at, which sorts by time
+        if versions and versions[-1] >= key:
+            return versions[-1]
+        for name in versions:
+            registry.retire(name)  # a running request keeps its version until it finishes
         try:
             registry.add(key, finetune.path)
         except AdapterBusyError as exc:
             raise out_of_capacity(str(exc)) from None
         except ValueError as exc:
             raise finetune_incomplete(finetune.name, [f"a valid adapter ({exc})"]) from None
+        return key
 
     def forget_finetune(self, finetune_id: str) -> None:
-        """On the engine thread: drop a deleted fine-tune's resident copies that no request uses."""
-        for name in self.runtime.registry.names():
-            if name.startswith(f"{FINETUNE_KEY}{finetune_id}:"):
-                try:
-                    self.runtime.registry.remove(name)
-                except AdapterBusyError:
-                    pass
+        """On the engine thread: retire a deleted fine-tune's resident versions."""
+        for name in self._versions(finetune_id):
+            self.runtime.registry.retire(name)
+
+    def _versions(self, finetune_id: str) -> list[str]:
+        return [name for name in self.runtime.registry.names() if name.startswith(f"{FINETUNE_KEY}{finetune_id}:")]
 
     def prepare(self, lora: str | None, **request: Any) -> tuple[list[int], GenerationParams]:
         try:
             return self.runtime.prepare(lora=lora, **request)
         except ValueError as exc:
+            if lora is not None and lora.startswith(FINETUNE_KEY) and lora not in self.runtime.registry.names():
+                raise adapter_changed(lora) from None  # re-uploaded or deleted since resolve_lora
             raise bad_input(str(exc)) from None
 
     def open_stream(self, ids: list[int], params: GenerationParams, lora: str | None) -> AsyncTextStream:

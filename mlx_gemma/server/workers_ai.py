@@ -29,9 +29,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 
-from ..lora.store import AssetError, AssetTooLarge, FinetuneError, FinetuneExists, is_disk_full
-from .schema import (ApiError, as_api_error, bad_input, failure, parse_json, storage_full, success, too_large,
-                     validate_run_body)
+from ..lora.store import AssetError, AssetTooLarge, FinetuneError, FinetuneExists, FinetuneNotFound, is_disk_full
+from .schema import (ApiError, as_api_error, bad_input, failure, finetune_not_found, parse_json, storage_full,
+                     success, too_large, validate_run_body)
 from .service import AsyncTextStream, Service
 
 PREFIX = "/client/v4/accounts/{account_id}/ai"
@@ -184,13 +184,20 @@ async def create_finetune(request: Request) -> Response:
     description, public = body.get("description") or "", body.get("public", False)
     if not isinstance(description, str) or not isinstance(public, bool):
         raise bad_input('"description" must be a string and "public" a boolean')
+    if name in service.adapter_names():
+        raise ApiError(409, 5006, f"AiError: Bad input: {name!r} is the name of an adapter this server loaded at "
+                                  f"start (--adapter or --fuse), which lora={name!r} serves: pick another name")
     finetune = await _in_store(service.store.create, model, name, description, public)
     return JSONResponse(success(finetune.to_dict()))
 
 
-async def _in_store(fn: Any, *args: Any) -> Any:
+async def _in_store(fn: Any, *args: Any, named: str = "") -> Any:
+    """Run a store call off the event loop; its refusals become API errors (`named`: the fine-tune as
+    the client named it, for a 404 when it vanished meanwhile, deleted by a concurrent request)."""
     try:
         return await asyncio.to_thread(fn, *args)
+    except FinetuneNotFound:
+        raise finetune_not_found(named) from None
     except FinetuneExists as exc:
         raise ApiError(409, 5006, f"AiError: Bad input: {exc}") from None
     except AssetTooLarge as exc:
@@ -238,7 +245,7 @@ async def get_finetune(request: Request) -> Response:
 async def delete_finetune(request: Request) -> Response:
     service = service_of(request)
     finetune = await asyncio.to_thread(service.find_finetune, request.path_params["finetune"])
-    await _in_store(service.store.delete, finetune.id)
+    await _in_store(service.store.delete, finetune.id, named=request.path_params["finetune"])
     await service.on_engine(lambda: service.forget_finetune(finetune.id))
     return JSONResponse(success(finetune.to_dict()))
 
@@ -248,7 +255,8 @@ async def upload_asset(request: Request) -> Response:
     finetune = await asyncio.to_thread(service.find_finetune, request.path_params["finetune"])
     file_name, upload = await _read_asset_form(request, service.settings.max_upload_bytes)
     try:
-        finetune = await _in_store(service.store.add_asset, finetune.id, file_name, upload.file)
+        finetune = await _in_store(service.store.add_asset, finetune.id, file_name, upload.file,
+                                   named=request.path_params["finetune"])
     finally:
         await upload.close()
     return JSONResponse(success({**finetune.to_dict(), "files": list(finetune.files)}))
@@ -256,10 +264,12 @@ async def upload_asset(request: Request) -> Response:
 
 async def _read_asset_form(request: Request, limit: int) -> tuple[str, UploadFile]:
     """The form's file_name and file; the body is refused as soon as it passes the limit, even unannounced."""
-    limit += FORM_OVERHEAD_BYTES
     declared = int(request.headers.get("content-length") or 0)
-    if declared > limit:
-        raise too_large(declared, limit)
+    if declared > limit + FORM_OVERHEAD_BYTES:
+        raise ApiError(413, 3006, f"AiError: Request too large: the upload is {declared} bytes and a fine-tune file "
+                                  f"may be at most {limit} bytes: upload a smaller adapter (a lower rank), or "
+                                  "start the server with a larger --max-upload-mb")
+    limit += FORM_OVERHEAD_BYTES
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
         raise bad_input("upload the asset as multipart/form-data with fields file_name and file")
     parser = MultiPartParser(request.headers, _limited(request.stream(), limit), max_files=1, max_fields=4)

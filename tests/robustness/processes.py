@@ -117,5 +117,5 @@ def audit_store(data_dir: Path) -> list[str]:
         problems += [f"stray {path}" for path in entries[name].iterdir()
                      if path.name not in ASSET_NAMES or path.is_symlink() or not path.is_file()]
     problems += [f"left in tmp/: {path}" for path in (data_dir / "tmp").iterdir()]
-    extra = {p.name for p in data_dir.iterdir()} - {"finetunes.sqlite3", "finetunes", "tmp", *SQLITE_OWN}
+    extra = {p.name for p in data_dir.iterdir()} - {"finetunes.sqlite3", "finetunes", "tmp", "owner.lock", *SQLITE_OWN}
     return problems + [f"unexpected {data_dir / name}" for name in sorted(extra)]
