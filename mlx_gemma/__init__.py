@@ -17,7 +17,7 @@ from pathlib import Path  # noqa: E402
 
 from .loading import ModelLoadError, load_model  # noqa: E402
 from .lora.adapters import AdapterLimits  # noqa: E402
-from .runtime import GenerationResult, Runtime, TextStream, Usage  # noqa: E402
+from .runtime import GenerationResult, Runtime, TextStream, Usage, check_capacities, check_fuse  # noqa: E402
 from .sampler import GenerationParams  # noqa: E402
 
 __all__ = ["load", "Runtime", "GenerationParams", "GenerationResult", "TextStream", "Usage", "ModelLoadError"]
@@ -37,14 +37,11 @@ def load(model: str | Path, adapters: dict[str, str] | None = None, dtype: str |
     max_queue: requests that may wait for the engine before new ones are refused.
     max_batch: requests the engine decodes together.
     max_adapter_rank: the largest LoRA rank an adapter may have (Cloudflare's limit is 32).
+    A bad capacity (below 1) raises ValueError before the model loads; a bad adapter raises
+    before the engine thread starts (see Runtime), so a failed load leaves no thread behind.
     """
     adapters = dict(adapters or {})
-    if fuse is not None and fuse not in adapters:
-        raise ValueError(f"fuse={fuse!r} names no adapter: pass adapters={{{fuse!r}: path}} too")
-    runtime = Runtime(load_model(model, dtype=dtype, quantize=quantize), max_resident_adapters, max_queue, max_batch,
-                      AdapterLimits(max_rank=max_adapter_rank))
-    if fuse is not None:
-        runtime.fuse_adapter(fuse, adapters.pop(fuse))
-    for name, path in adapters.items():
-        runtime.add_adapter(name, path)
-    return runtime
+    check_capacities(max_resident_adapters=max_resident_adapters, max_queue=max_queue, max_batch=max_batch)
+    check_fuse(adapters, fuse)  # both before the model loads
+    return Runtime(load_model(model, dtype=dtype, quantize=quantize), max_resident_adapters, max_queue, max_batch,
+                   AdapterLimits(max_rank=max_adapter_rank), adapters=adapters, fuse=fuse)

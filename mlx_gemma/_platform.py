@@ -24,8 +24,6 @@ _note = "not Linux: MLX uses its own backend"
 
 def _find_openblas() -> str | None:
     choice = os.environ.get("MLX_GEMMA_OPENBLAS", "")
-    if choice == "0":
-        return None
     if choice:
         return choice
     found = [p for p in _CANDIDATES if os.path.exists(p)]
@@ -39,6 +37,9 @@ def preload_openblas() -> None:
         return
     if "mlx.core" in sys.modules:
         _note = "mlx was imported before mlx_gemma: OpenBLAS not preloaded"
+        return
+    if os.environ.get("MLX_GEMMA_OPENBLAS") == "0":
+        _note = "OpenBLAS turned off by MLX_GEMMA_OPENBLAS=0 (unset it for ~20x faster prefill)"
         return
     path = _find_openblas()
     if path is None:
@@ -60,7 +61,8 @@ def startup_note(dtype: str) -> str:
     if not is_linux():
         return f"{sys.platform}: MLX's own backend, {dtype} weights"
     fast = dtype == "float32" and _note.startswith("OpenBLAS preloaded")
-    state = "on" if fast else "off (use float32 weights and install libopenblas0-pthread)"
+    fix = "" if _note.startswith("OpenBLAS turned off") else " (use float32 weights and install libopenblas0-pthread)"
+    state = "on" if fast else "off" + fix
     return f"Linux CPU fast path {state}: {dtype} weights, {_note}"
 
 

@@ -1,7 +1,10 @@
 """Command line: `mlx-gemma serve | generate | finetune | fuse`.
 
-Each subcommand parses its flags, calls the Python API, and turns a bad value into one line
-on stderr naming it, with exit status 2.
+Each subcommand parses its flags, checks what it can before loading a model (sampling flags,
+capacities, directories, that `serve` can listen on its host and port), calls the Python API,
+and turns a bad value, or a path that cannot be read or written, into one line on stderr
+naming it, with exit status 2. Output cut short by a closed pipe (`| head`) ends quietly with
+exit status 141, as for a process killed by SIGPIPE.
 """
 
 from __future__ import annotations
@@ -9,6 +12,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import socket
 import subprocess
 import sys
 import time
@@ -21,12 +26,24 @@ from .loading import DTYPES, ModelLoadError
 
 
 def _messages_arg(value: str) -> list[dict[str, Any]]:
-    text = open(value[1:]).read() if value.startswith("@") else value
+    try:
+        text = Path(value[1:]).expanduser().read_text() if value.startswith("@") else value
+    except (OSError, UnicodeDecodeError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise argparse.ArgumentTypeError(f"cannot read {value[1:]!r} ({why}): pass an existing JSON file "
+                                         "as @file.json, or the JSON itself") from None
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
         raise argparse.ArgumentTypeError(f"--messages is not valid JSON ({exc}): pass a list such as "
                                          '\'[{"role": "user", "content": "Hi"}]\' or @file.json') from exc
+
+
+def _port_arg(value: str) -> int:
+    port = int(value) if re.fullmatch(r"\d{1,5}", value.strip()) else -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a port: use a number from 0 to 65535 (0 picks a free one)")
+    return port
 
 
 def add_model_flags(parser: argparse.ArgumentParser) -> None:
@@ -53,6 +70,46 @@ def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return {name: getattr(args, name) for name in names}
 
 
+def check_sampling(args: argparse.Namespace) -> None:
+    """Validate the sampling flags before a model loads; the message names them as flags."""
+    from .sampler import GenerationParams
+
+    try:
+        GenerationParams(**sampling_kwargs(args)).validate()
+    except ValueError as exc:
+        message = str(exc)
+        for name in sampling_kwargs(args):
+            message = re.sub(rf"\b{name}=", f"--{name.replace('_', '-')} ", message)
+        raise ValueError(message) from None
+
+
+def adapter_name(path: str) -> str:
+    """The name an adapter directory is served under: its own name (`.` is the current directory's)."""
+    return Path(path).expanduser().resolve().name
+
+
+def check_dir_flag(flag: str, path: Path) -> None:
+    """Refuse a directory flag that names a file, or a place where no directory can be made."""
+    path = path.expanduser()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise ValueError(f"{flag} {path}: {existing} is a file, not a directory: pass a directory path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {path}: {existing} is not writable: pass a directory you can write to")
+
+
+def check_bindable(host: str, port: int) -> None:
+    """Bind (and free) the address uvicorn will listen on, as uvicorn does, before a model loads."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        with socket.socket(family) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+    except OSError as exc:
+        raise ValueError(f"cannot listen on {host}:{port} ({exc.strerror or exc}): stop the program that uses "
+                         "it or pass another --port (or a --host of this machine)") from None
+
+
 def _adapter_arg(value: str) -> tuple[str, str]:
     name, sep, path = value.partition("=")
     if not sep or not name or not path:
@@ -76,7 +133,7 @@ def add_serve_parser(commands: Any) -> None:
                        help="a LoRA adapter served as lora=NAME (repeatable)")
     serve.add_argument("--fuse", metavar="NAME", help="merge the --adapter of that name into the weights")
     serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8787)
+    serve.add_argument("--port", type=_port_arg, default=8787)
     serve.add_argument("--data-dir", type=Path, default=None, help="fine-tune store (default: the user cache dir)")
     serve.add_argument("--api-token", default=os.environ.get("MLX_GEMMA_API_TOKEN"),
                        help="require Authorization: Bearer TOKEN (default: $MLX_GEMMA_API_TOKEN)")
@@ -147,7 +204,10 @@ def resolve_model(args: argparse.Namespace) -> None:
     """Fill in args.model when none was named, saying loudly when the demo model stands in."""
     from .loading import default_model
 
-    if args.model:
+    if args.model is not None:
+        if not args.model.strip():
+            raise ValueError(f"--model {args.model!r} is empty: pass a model directory, a Hugging Face id, "
+                             "a .gguf file or demo, or leave --model out for the default")
         return
     args.model, why = default_model()
     if why:
@@ -161,20 +221,30 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from .server.app import build_app
     from .server.service import Settings
 
-    resolve_model(args)
     adapters = dict(args.adapter)
-    for name, value in (("--max-batch", args.max_batch), ("--max-queue", args.max_queue),
-                        ("--max-adapter-rank", args.max_adapter_rank), ("--max-upload-mb", args.max_upload_mb)):
-        if value < 1:
-            raise ValueError(f"{name} {value}: give a positive number")
+    check_serve_flags(args, adapters)
+    resolve_model(args)
     runtime = mlx_gemma.load(args.model, adapters=adapters, dtype=args.dtype, quantize=args.quantize, fuse=args.fuse,
                              max_resident_adapters=args.max_resident_adapters, max_queue=args.max_queue,
                              max_batch=args.max_batch, max_adapter_rank=args.max_adapter_rank)
-    settings = Settings(data_dir=args.data_dir or default_data_dir(), api_token=args.api_token or None,
+    settings = Settings(data_dir=args.data_dir, api_token=args.api_token or None,
                         max_upload_bytes=args.max_upload_mb * 1024 * 1024)
     app = build_app(runtime, settings)
     _log_serving(app.state.service, args)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+
+
+def check_serve_flags(args: argparse.Namespace, adapters: dict[str, str]) -> None:
+    """Everything `serve` can refuse before the model loads; fills in args.data_dir."""
+    for name in ("max_batch", "max_queue", "max_resident_adapters", "max_adapter_rank", "max_upload_mb"):
+        value = getattr(args, name)
+        if value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} {value}: give a positive number")
+    if args.fuse is not None and args.fuse not in adapters:
+        raise ValueError(f"--fuse {args.fuse} names no adapter: pass --adapter {args.fuse}=PATH too")
+    args.data_dir = args.data_dir or default_data_dir()
+    check_dir_flag("--data-dir", args.data_dir)
+    check_bindable(args.host, args.port)
 
 
 def _log_serving(service: Any, args: argparse.Namespace) -> None:
@@ -198,7 +268,9 @@ def _log_serving(service: Any, args: argparse.Namespace) -> None:
 def cmd_finetune(args: argparse.Namespace) -> None:
     from .lora.store import FinetuneStore
 
-    store = FinetuneStore(args.data_dir or default_data_dir())
+    data_dir = args.data_dir or default_data_dir()
+    check_dir_flag("--data-dir", data_dir)
+    store = FinetuneStore(data_dir)
     if args.action == "create":
         finetune = _create_finetune(store, args)
         print(f"created fine-tune {finetune.name} ({finetune.id}) for {finetune.model} in {store.data_dir}")
@@ -242,12 +314,14 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
     if args.fuse and not args.adapter:
         raise ValueError("--fuse needs --adapter PATH: the adapter to merge")
+    check_sampling(args)
     resolve_model(args)
-    adapters = {Path(args.adapter).name: args.adapter} if args.adapter else None
-    fuse = Path(args.adapter).name if args.fuse else None
+    name = adapter_name(args.adapter) if args.adapter else None
+    adapters = {name: args.adapter} if name else None
+    fuse = name if args.fuse else None
     runtime = mlx_gemma.load(args.model, adapters=adapters, dtype=args.dtype, quantize=args.quantize, fuse=fuse)
     print(f"[{runtime!r}; {_platform.startup_note(runtime.loaded.dtype)}]", file=sys.stderr)
-    lora = None if args.fuse or not args.adapter else Path(args.adapter).name
+    lora = None if args.fuse else name
     start = time.perf_counter()
     stream = runtime.stream(prompt=args.prompt, messages=args.messages, raw=args.raw, lora=lora,
                             **sampling_kwargs(args))
@@ -266,8 +340,9 @@ def cmd_fuse(args: argparse.Namespace) -> None:
     import mlx_gemma
     from .loading import save_checkpoint
 
+    check_dir_flag("--out", Path(args.out))
     resolve_model(args)
-    name = Path(args.adapter).name
+    name = adapter_name(args.adapter)
     runtime = mlx_gemma.load(args.model, adapters={name: args.adapter}, dtype=args.dtype,
                              quantize=args.quantize, fuse=name)
     out = save_checkpoint(runtime.loaded, runtime.model, args.out)
@@ -294,6 +369,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.func(args)
     except (ValueError, ModelLoadError, RuntimeError) as exc:
         print(f"mlx-gemma: error: {exc}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # stdout closed early (| head): stop quietly, as other command line tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so exit's flush cannot fail again
+        return 141
+    except OSError as exc:
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"mlx-gemma: error: {where}{exc.strerror or exc}: check the path and its permissions", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -6,8 +6,11 @@ every tensor dequantized), tokenizer.json and tokenizer_config.json for a GGUF f
 (the llama.cpp project's own reader and dequantizers, for every type the file uses) and builds
 the tokenizer from the file's metadata with transformers' GGUF tokenizer support (plus the
 user-defined runs of spaces as whole tokens, so the ids equal llama.cpp's); it writes the
-result into a cache directory keyed by the file's path, size and modification time, atomically
-(temp directory + rename). Later calls return the cached directory at once.
+result into a cache directory keyed by the file's path, size and modification time and the
+converter's version (`<stem>-<16 hex digits>`), atomically (temp directory + rename). Later
+calls return the cached directory at once. Every call also deletes the other conversions of the
+same file (earlier converter versions, or the file before it changed), which no key reaches
+again: only directories of that name form whose source.json names this file.
 
 Names map from llama.cpp's (`blk.3.attn_q.weight`) to Hugging Face's
 (`model.layers.3.self_attn.q_proj.weight`). llama.cpp stores Gemma's RMSNorm weights as 1 + w;
@@ -19,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -63,8 +67,13 @@ def convert(path: str | Path, cache_root: str | Path | None = None) -> Path:
     if not path.is_file():
         raise GGUFError(f"no GGUF file at {str(path)!r}")
     target = cache_dir_for(path, Path(cache_root) if cache_root else default_cache_root())
-    if (target / "config.json").is_file():
-        return target
+    if not (target / "config.json").is_file():
+        _write_atomically(path, target)
+    remove_stale_conversions(path, target)
+    return target
+
+
+def _write_atomically(path: Path, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".converting-", dir=target.parent))
     try:
@@ -75,7 +84,27 @@ def convert(path: str | Path, cache_root: str | Path | None = None) -> Path:
             raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return target
+
+
+def remove_stale_conversions(path: Path, keep: Path) -> list[Path]:
+    """Delete the conversions of `path` beside `keep` other than `keep`; return them.
+
+    Only directories this converter made: named `<stem>-<16 hex digits>` (as cache_dir_for names
+    them), not links, with a source.json whose "gguf" is this file's resolved path."""
+    name = re.compile(re.escape(path.stem) + r"-[0-9a-f]{16}")
+    source = str(path.resolve())
+    stale = [d for d in keep.parent.iterdir() if d != keep and name.fullmatch(d.name) and not d.is_symlink()
+             and d.is_dir() and _source_of(d) == source]
+    for directory in stale:
+        shutil.rmtree(directory, ignore_errors=True)
+    return stale
+
+
+def _source_of(converted: Path) -> str | None:
+    try:
+        return json.loads((converted / "source.json").read_text()).get("gguf")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def write_converted(path: Path, out: Path) -> None:

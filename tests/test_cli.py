@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
+ROOT = Path(__file__).resolve().parents[1]
 
-def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mlx_gemma", *args], capture_output=True, text=True, timeout=120)
+
+def cli(*args: str, cwd=None, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mlx_gemma", *args], capture_output=True, text=True, timeout=120,
+                          cwd=cwd, env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
 
 
 def test_generate_prints_the_api_text(tiny_dir, runtime):
@@ -33,8 +39,8 @@ def test_generate_messages_and_sampling_flags(tiny_dir, runtime):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--prompt", "x", "--temperature", "9"], "temperature=9.0 is out of range"),
-    (["--prompt", "x", "--top-k", "0"], "top_k=0 is out of range"),
+    (["--prompt", "x", "--temperature", "9"], "--temperature 9.0 is out of range: use a number from 0 to 5"),
+    (["--prompt", "x", "--top-k", "0"], "--top-k 0 is out of range: use an integer from 1 to 50"),
     (["--prompt", ""], "prompt is empty"),
     (["--messages", "[not json"], "--messages is not valid JSON"),
 ])
@@ -84,7 +90,7 @@ def test_fuse_writes_a_plain_checkpoint(tiny_dir, tmp_path):
 
 def test_bad_adapter_exits_non_zero(tiny_dir, tmp_path):
     done = cli("generate", "--model", str(tiny_dir), "--prompt", "x", "--adapter", str(tmp_path))
-    assert done.returncode == 2 and "refused: no adapter_config.json" in done.stderr
+    assert done.returncode == 2 and "refused: " in done.stderr and "no adapter_config.json" in done.stderr
     done = cli("generate", "--model", str(tiny_dir), "--prompt", "x", "--fuse")
     assert done.returncode == 2 and "--fuse needs --adapter PATH" in done.stderr
 
@@ -124,3 +130,89 @@ def test_finetune_create_refuses_a_bad_folder_and_keeps_nothing(tmp_path):
 def test_serve_refuses_a_malformed_adapter_flag():
     done = cli("serve", "--model", "x", "--adapter", "no-equals-sign")
     assert done.returncode == 2 and "write NAME=PATH" in done.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--temperature", "9"], "mlx-gemma: error: --temperature 9.0 is out of range: use a number from 0 to 5 "
+                             "(0 means greedy)\n"),
+    (["--max-tokens", "0", "--top-p", "3"], "mlx-gemma: error: --max-tokens 0 is out of range: use an integer >= 1; "
+                                            "--top-p 3.0 is out of range: use a number from 0 to 2"),
+])
+def test_sampling_flags_are_checked_before_the_model_loads(args, message):
+    done = cli("generate", "--model", "/no/such/model", "--prompt", "x", *args)
+    assert done.returncode == 2 and done.stderr.startswith(message)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["generate", "--messages", "@/nonexistent.json"], "argument --messages: cannot read '/nonexistent.json' "
+     "(No such file or directory): pass an existing JSON file as @file.json, or the JSON itself\n"),
+    (["serve", "--port", "99999"], "argument --port: '99999' is not a port: use a number from 0 to 65535 "
+     "(0 picks a free one)\n"),
+    (["serve", "--max-resident-adapters", "0"], "mlx-gemma: error: --max-resident-adapters 0: give a positive number\n"),
+    (["serve", "--max-batch", "-1"], "mlx-gemma: error: --max-batch -1: give a positive number\n"),
+    (["serve", "--max-queue", "0"], "mlx-gemma: error: --max-queue 0: give a positive number\n"),
+    (["serve", "--fuse", "sql"], "mlx-gemma: error: --fuse sql names no adapter: pass --adapter sql=PATH too\n"),
+    (["generate", "--model", "", "--prompt", "x"], "mlx-gemma: error: --model '' is empty: pass a model directory, "
+     "a Hugging Face id, a .gguf file or demo, or leave --model out for the default\n"),
+])
+def test_bad_flags_are_one_line_before_any_model_loads(args, message):
+    model = [] if "--model" in args else ["--model", "/no/such/model"]
+    done = cli(*args[:1], *model, *args[1:])
+    assert done.returncode == 2 and done.stderr.endswith(message) and "Traceback" not in done.stderr
+
+
+def test_a_directory_flag_naming_a_file_is_refused(tmp_path):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    refused = f"{a_file} is a file, not a directory: pass a directory path\n"
+    for args in (["serve", "--model", "/no/such/model", "--data-dir", str(a_file)],
+                 ["finetune", "list", "--data-dir", str(a_file / "store")],
+                 ["fuse", "--model", "/no/such/model", "--adapter", ADAPTER, "--out", str(a_file)]):
+        flag = "--out" if args[0] == "fuse" else "--data-dir"
+        done = cli(*args)
+        assert done.returncode == 2 and done.stderr.startswith(f"mlx-gemma: error: {flag} {args[-1]}: {refused}")
+
+
+def test_an_os_error_is_one_line(tiny_dir):
+    done = cli("fuse", "--model", str(tiny_dir), "--adapter", ADAPTER, "--out", "/proc/mlx-gemma-test")
+    assert done.returncode == 2
+    assert done.stderr == "mlx-gemma: error: /proc/mlx-gemma-test: No such file or directory: check the path and " \
+                          "its permissions\n"
+
+
+def test_serve_refuses_a_port_in_use_before_loading():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = cli("serve", "--model", "/no/such/model", "--port", str(port))
+    assert done.returncode == 2
+    assert done.stderr == (f"mlx-gemma: error: cannot listen on 127.0.0.1:{port} (Address already in use): stop the "
+                           "program that uses it or pass another --port (or a --host of this machine)\n")
+
+
+def test_a_closed_stdout_ends_quietly(tiny_dir):
+    process = subprocess.Popen([sys.executable, "-m", "mlx_gemma", "generate", "--model", str(tiny_dir), "--prompt",
+                                "x", "--max-tokens", "20"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process.stdout.close()  # as `| head -c 10` does once it has read enough
+    stderr = process.stderr.read()
+    assert process.wait(timeout=120) == 141
+    assert "Traceback" not in stderr and "BrokenPipeError" not in stderr
+
+
+def test_adapter_dot_is_the_current_directory(tiny_dir):
+    import mlx_gemma
+
+    expected = mlx_gemma.load(tiny_dir, adapters={"a": ADAPTER}).generate(
+        prompt="Water boils at", raw=True, temperature=0, max_tokens=8, lora="a").text
+    done = cli("generate", "--model", str(tiny_dir), "--prompt", "Water boils at", "--raw", "--temperature", "0",
+               "--max-tokens", "8", "--adapter", ".", cwd=ADAPTER)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == expected + "\n"
+
+
+def test_openblas_turned_off_is_said_so(tiny_dir):
+    done = cli("generate", "--model", str(tiny_dir), "--prompt", "x", "--max-tokens", "1",
+               env={"MLX_GEMMA_OPENBLAS": "0"})
+    assert done.returncode == 0, done.stderr
+    assert "Linux CPU fast path off: float32 weights, OpenBLAS turned off by MLX_GEMMA_OPENBLAS=0" in done.stderr

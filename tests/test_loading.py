@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
@@ -124,3 +125,202 @@ def test_hub_download_asks_only_for_model_files(monkeypatch, tiny_dir):
     assert loading.resolve_model_dir("google/gemma-2b-it") == tiny_dir
     assert calls[0][1]["local_files_only"] is True
     assert "*.safetensors" in calls[0][1]["allow_patterns"] and "*.bin" not in calls[0][1]["allow_patterns"]
+
+
+def rewrite_config(tiny_dir, tmp_path, change=None, text=None):
+    target = copy_model(tiny_dir, tmp_path)
+    config = json.loads((target / "config.json").read_text())
+    (target / "config.json").write_text(text if text is not None else json.dumps({**config, **change}))
+    return target
+
+
+@pytest.mark.parametrize("change, text, message", [
+    ({"hidden_size": "abc"}, None, "{file} has hidden_size='abc': a gemma config needs it as a positive integer"),
+    ({"head_dim": 0}, None, "{file} has head_dim=0: a gemma config needs it as a positive integer"),
+    (None, "[1, 2]", "{file} holds a JSON list, not an object of settings: copy it again"),
+    (None, "{{not json", "cannot read {file} (Expecting property name enclosed in double quotes: line 1 column 2 "
+                         "(char 1)): copy it again from the model's Hugging Face repo"),
+    ({"quantization": {"bits": 4}}, None, "{file}: quantization has no group_size: write the group_size, bits"),
+    ({"quantization": {"bits": 4, "group_size": 64, "mode": "int3"}}, None,
+     "{file}: quantization mode 'int3' is not supported: use one of affine, mxfp4, nvfp4, mxfp8"),
+])
+def test_malformed_config_names_the_file_and_the_fix(tiny_dir, tmp_path, change, text, message):
+    target = rewrite_config(tiny_dir, tmp_path, change, text and text.replace("{{", "{"))
+    with pytest.raises(ModelLoadError) as err:
+        mlx_gemma.load(target)
+    assert message.format(file=target / "config.json") in str(err.value)
+
+
+def test_config_without_a_required_size(tiny_dir, tmp_path):
+    target = copy_model(tiny_dir, tmp_path)
+    config = json.loads((target / "config.json").read_text())
+    del config["hidden_size"]
+    (target / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError, match=re.escape(f"{target / 'config.json'} has no hidden_size: a gemma config "
+                                                       "needs it as a positive integer; copy config.json again")):
+        mlx_gemma.load(target)
+
+
+def test_config_that_is_a_directory(tiny_dir, tmp_path):
+    target = copy_model(tiny_dir, tmp_path, ["config.json"])
+    (target / "config.json").mkdir()
+    with pytest.raises(ModelLoadError, match=re.escape(f"cannot read {target / 'config.json'} (Is a directory): "
+                                                       "copy it again from the model's Hugging Face repo")):
+        mlx_gemma.load(target)
+
+
+def test_garbage_tokenizer_names_the_file(tiny_dir, tmp_path):
+    target = copy_model(tiny_dir, tmp_path)
+    (target / "tokenizer.json").write_text("garbage")
+    with pytest.raises(ModelLoadError, match=re.escape(f"cannot read {target / 'tokenizer.json'} (")) as err:
+        mlx_gemma.load(target)
+    assert str(err.value).endswith("): copy it again from the model's Hugging Face repo")
+
+
+def test_empty_model_name_is_refused():
+    with pytest.raises(ModelLoadError, match=re.escape("model '' is empty: pass a model directory")):
+        loading.resolve_model_dir("")
+
+
+def no_hub(monkeypatch):
+    def fake_snapshot_download(repo_id, **kwargs):
+        raise AssertionError(f"{repo_id} must not be looked up on the Hub")
+    monkeypatch.setattr("huggingface_hub.snapshot_download", fake_snapshot_download)
+
+
+def test_a_missing_gguf_path_is_no_hub_id(monkeypatch):
+    no_hub(monkeypatch)
+    with pytest.raises(ModelLoadError, match=re.escape("no GGUF file at 'models/missing.gguf': check the path")):
+        loading.resolve_model_dir("models/missing.gguf")
+
+
+def fake_conversion(gguf_file, cache_root, key_version=None):
+    """A converted directory as gguf.convert leaves it (config.json, source.json), without converting."""
+    from mlx_gemma import gguf
+
+    target = gguf.cache_dir_for(gguf_file, cache_root)
+    target.mkdir(parents=True)
+    (target / "config.json").write_text("{}")
+    (target / "source.json").write_text(json.dumps({"gguf": str(gguf_file.resolve())}))
+    return target
+
+
+def test_gguf_suffix_in_any_case(monkeypatch, tmp_path):
+    no_hub(monkeypatch)
+    monkeypatch.setenv("MLX_GEMMA_CACHE", str(tmp_path / "cache"))
+    gguf_file = tmp_path / "model.GGUF"
+    gguf_file.write_bytes(b"GGUF")
+    target = fake_conversion(gguf_file, tmp_path / "cache" / "converted")
+    assert loading.resolve_model_dir(gguf_file) == target
+
+
+def test_gguf_cache_that_is_a_file(monkeypatch, tmp_path):
+    (tmp_path / "cache").write_text("not a directory")
+    monkeypatch.setenv("MLX_GEMMA_CACHE", str(tmp_path / "cache"))
+    gguf_file = tmp_path / "model.gguf"
+    gguf_file.write_bytes(b"GGUF")
+    with pytest.raises(ModelLoadError) as err:
+        loading.resolve_model_dir(gguf_file)
+    assert str(err.value).startswith(f"cannot write the conversion of {gguf_file} under {tmp_path / 'cache' / 'converted'}")
+    assert str(err.value).endswith("): set MLX_GEMMA_CACHE to a writable directory")
+
+
+def test_other_conversions_of_the_same_gguf_are_removed(monkeypatch, tmp_path):
+    from mlx_gemma import gguf
+
+    root = tmp_path / "converted"
+    gguf_file = tmp_path / "model.gguf"
+    gguf_file.write_bytes(b"GGUF")
+    monkeypatch.setattr(gguf, "CONVERTER_VERSION", "old")
+    old = fake_conversion(gguf_file, root)
+    other_file = tmp_path / "elsewhere" / "model.gguf"
+    other_file.parent.mkdir()
+    other_file.write_bytes(b"GGUF")
+    other = fake_conversion(other_file, root)  # same stem, another file: kept
+    not_ours = root / "model-0123456789abcdef"  # no source.json: not known to be ours
+    not_ours.mkdir()
+    unrelated = root / "notes"
+    unrelated.mkdir()
+    monkeypatch.setattr(gguf, "CONVERTER_VERSION", "new")
+    current = fake_conversion(gguf_file, root)
+    assert gguf.convert(gguf_file, root) == current
+    assert sorted(p.name for p in root.iterdir()) == sorted([current.name, other.name, not_ours.name, "notes"])
+    assert not old.exists()
+
+
+def fake_hub_cache(tmp_path, files):
+    """An HF cache holding a snapshot of google/gemma-2b-it with only `files`, as an interrupted download leaves."""
+    repo = tmp_path / "hub" / "models--google--gemma-2b-it"
+    snapshot = repo / "snapshots" / ("a" * 40)
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("a" * 40)
+    for name in files:
+        (snapshot / name).write_text("{}")
+    return snapshot
+
+
+def offline_python(tmp_path, code):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    env.pop("MLX_GEMMA_MODEL", None)
+    return subprocess.run([sys.executable, "-c", f"import mlx_gemma\nfrom mlx_gemma import loading\n{code}"],
+                          capture_output=True, text=True, timeout=120, env=env)
+
+
+def test_a_partial_hub_snapshot_is_not_used(tmp_path):
+    snapshot = fake_hub_cache(tmp_path, ["config.json"])
+    done = offline_python(tmp_path, "print(loading.default_model()[0])\nloading.resolve_model_dir('google/gemma-2b-it')")
+    assert done.stdout == "demo\n", done.stderr
+    assert (f"ModelLoadError: the cached snapshot of google/gemma-2b-it at {snapshot} has no tokenizer.json or "
+            "*.safetensors (an interrupted download?) and the rest cannot be downloaded: connect to the network "
+            "(unset HF_HUB_OFFLINE), or pass a complete local directory with --model") in done.stderr
+
+
+def test_a_complete_hub_snapshot_is_used_offline(tmp_path):
+    snapshot = fake_hub_cache(tmp_path, ["config.json", "tokenizer.json", "model.safetensors"])
+    done = offline_python(tmp_path, "print(loading.default_model()[0], loading.resolve_model_dir('google/gemma-2b-it'))")
+    assert done.stdout == f"google/gemma-2b-it {snapshot}\n", done.stderr
+
+
+def quantized_with_mlx_lm(tiny_dir, tmp_path, **options):
+    from mlx_lm import convert
+
+    convert(str(tiny_dir), mlx_path=str(tmp_path / "quantized"), quantize=True, **options)
+    return tmp_path / "quantized"
+
+
+def layer_schemes(model):
+    import mlx.nn as nn
+
+    return {path: (type(m).__name__, m.group_size, m.bits, m.mode) for path, m in model.named_modules()
+            if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))}
+
+
+@pytest.mark.parametrize("options, summary", [
+    ({"q_mode": "mxfp4", "q_group_size": 32, "q_bits": 4}, {"group_size": 32, "bits": 4, "mode": "mxfp4"}),
+    ({"quant_predicate": "mixed_3_6"}, {"group_size": 64, "bits": 4}),
+])
+def test_mlx_lm_quantized_checkpoints_load_as_mlx_lm_loads_them(tiny_dir, tmp_path, options, summary):
+    from mlx.utils import tree_flatten
+    from mlx_lm.utils import load_model as mlx_lm_load_model
+
+    path = quantized_with_mlx_lm(tiny_dir, tmp_path, **options)
+    runtime = mlx_gemma.load(path)
+    reference, _ = mlx_lm_load_model(path)
+    assert runtime.loaded.quantization == summary
+    assert layer_schemes(runtime.model) == layer_schemes(reference) and layer_schemes(reference)
+    ours, theirs = dict(tree_flatten(runtime.model.parameters())), dict(tree_flatten(reference.parameters()))
+    assert ours.keys() == theirs.keys()
+    assert all(mx.array_equal(ours[k], theirs[k]).item() for k in ours)
+    assert runtime.generate(prompt="Hi", temperature=0, max_tokens=3).usage.completion_tokens >= 1
+
+
+def test_mixed_quantization_keeps_each_layers_bits(tiny_dir, tmp_path):
+    path = quantized_with_mlx_lm(tiny_dir, tmp_path, quant_predicate="mixed_3_6")
+    runtime = mlx_gemma.load(path)
+    bits = {scheme[2] for scheme in layer_schemes(runtime.model).values()}
+    assert bits == {3, 6}

@@ -95,3 +95,43 @@ def test_closing_a_stream_releases_the_runtime(runtime):
     stream.close()
     assert stream.finish_reason == "cancelled"
     assert runtime.generate(prompt="Hi", temperature=0, max_tokens=2).usage.completion_tokens >= 1
+
+
+def engine_threads():
+    import threading
+
+    return sorted(t.name for t in threading.enumerate() if t.name == "mlx-gemma-engine")
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"adapters": {"bad": "/nonexistent"}}, "/nonexistent"),
+    ({"adapters": {"bad": "/nonexistent"}, "fuse": "bad"}, "/nonexistent"),
+])
+def test_a_failed_load_leaves_no_engine_thread(tiny_dir, runtime, kwargs, message):
+    import mlx_gemma
+
+    before = engine_threads()
+    with pytest.raises(ValueError, match=re.escape(message)):
+        mlx_gemma.load(tiny_dir, **kwargs)
+    assert engine_threads() == before
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"max_batch": 0}, "max_batch=0 is out of range: use an integer >= 1 (requests decoded together)"),
+    ({"max_batch": -1}, "max_batch=-1 is out of range: use an integer >= 1"),
+    ({"max_queue": 0}, "max_queue=0 is out of range: use an integer >= 1 (requests that may wait for the engine)"),
+    ({"max_resident_adapters": 0},
+     "max_resident_adapters=0 is out of range: use an integer >= 1 (adapters kept in memory at once)"),
+    ({"max_resident_adapters": -1}, "max_resident_adapters=-1 is out of range"),
+    ({"max_batch": 2.5}, "max_batch=2.5 is out of range"),
+])
+def test_capacities_below_one_are_refused(tiny_dir, runtime, kwargs, message):
+    import mlx_gemma
+    from mlx_gemma import Runtime
+
+    before = engine_threads()
+    with pytest.raises(ValueError, match=re.escape(message)):
+        mlx_gemma.load("/not/loaded/first", **kwargs)  # refused before the model is looked for
+    with pytest.raises(ValueError, match=re.escape(message)):
+        Runtime(runtime.loaded, **kwargs)
+    assert engine_threads() == before
