@@ -25,6 +25,9 @@ from . import _platform
 from .loading import DTYPES, ModelLoadError
 
 
+LORA_MODELS = ("@cf/google/gemma-2b-it-lora", "@cf/google/gemma-7b-it-lora")  # the routes a server answers to
+
+
 def _messages_arg(value: str) -> list[dict[str, Any]]:
     try:
         text = Path(value[1:]).expanduser().read_text() if value.startswith("@") else value
@@ -286,6 +289,9 @@ def cmd_finetune(args: argparse.Namespace) -> None:
 def _create_finetune(store: Any, args: argparse.Namespace) -> Any:
     from .lora.store import ASSET_NAMES
 
+    if args.model not in LORA_MODELS:
+        raise ValueError(f"model {args.model!r} is not served here: fine-tunes are for {' or '.join(LORA_MODELS)} "
+                         "(the route's name, as the server and Workers AI take it)")
     missing = [name for name in ASSET_NAMES if not (args.folder / name).is_file()]
     if missing:
         raise ValueError(f"{args.folder} has no {' or '.join(missing)}: a fine-tune needs both {' and '.join(ASSET_NAMES)}")

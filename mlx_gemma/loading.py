@@ -308,6 +308,9 @@ def build_model(config: dict[str, Any], weights: dict[str, mx.array], dtype: str
                              f"{exc}): copy it again from the model's Hugging Face repo") from exc
     weights = model.sanitize(weights)
     stored = config.get("quantization")
+    if stored and quantize:
+        raise ModelLoadError(f"this checkpoint is already quantized ({stored.get('bits')}-bit, by mlx-lm): drop "
+                             f"--quantize {quantize} (quantize=), or start from the unquantized checkpoint")
     if stored:  # an mlx-lm quantized checkpoint: make the layers match before loading, as mlx-lm does
         nn.quantize(model, group_size=stored["group_size"], bits=stored["bits"], **_mode(stored.get("mode")),
                     class_predicate=lambda p, m: _stored_scheme(p, m, weights, stored))
@@ -316,7 +319,7 @@ def build_model(config: dict[str, Any], weights: dict[str, mx.array], dtype: str
         model.load_weights(list(weights.items()), strict=True)
     except ValueError as exc:
         raise ModelLoadError(f"weights do not match a {config['model_type']} model of this config: {exc}") from exc
-    if quantize and not stored:
+    if quantize:
         nn.quantize(model, group_size=QUANTIZE_GROUP_SIZE, bits=quantize, class_predicate=_quantizable)
     mx.eval(model.parameters())
     if stored:

@@ -125,6 +125,13 @@ def test_finetune_create_refuses_a_bad_folder_and_keeps_nothing(tmp_path):
     refused = cli("finetune", "create", "@cf/google/gemma-2b-it-lora", "x", str(folder), *store)
     assert refused.returncode == 2 and "DoRA" in refused.stderr
     assert cli("finetune", "list", *store).stdout == "no fine-tunes\n"
+    other = cli("finetune", "create", "@cf/meta/llama-3-8b-instruct", "x", str(ROOT / ADAPTER),
+                *store)
+    assert other.returncode == 2 and other.stderr == (
+        "mlx-gemma: error: model '@cf/meta/llama-3-8b-instruct' is not served here: fine-tunes are for "
+        "@cf/google/gemma-2b-it-lora or @cf/google/gemma-7b-it-lora (the route's name, as the server and "
+        "Workers AI take it)\n")
+    assert cli("finetune", "list", *store).stdout == "no fine-tunes\n"
 
 
 def test_serve_refuses_a_malformed_adapter_flag():

@@ -12,7 +12,7 @@ from huggingface_hub import errors
 import mlx.core as mx
 import mlx_gemma
 from mlx_gemma import loading
-from mlx_gemma.loading import ModelLoadError
+from mlx_gemma.loading import ModelLoadError, load_model
 
 
 def copy_model(tiny_dir, tmp_path, drop=()):
@@ -324,3 +324,11 @@ def test_mixed_quantization_keeps_each_layers_bits(tiny_dir, tmp_path):
     runtime = mlx_gemma.load(path)
     bits = {scheme[2] for scheme in layer_schemes(runtime.model).values()}
     assert bits == {3, 6}
+
+
+def test_quantizing_an_already_quantized_checkpoint_is_refused(tiny_dir, tmp_path):
+    path = quantized_with_mlx_lm(tiny_dir, tmp_path)
+    with pytest.raises(ModelLoadError, match=re.escape(
+            "this checkpoint is already quantized (4-bit, by mlx-lm): drop --quantize 8 (quantize=), "
+            "or start from the unquantized checkpoint")):
+        load_model(path, quantize=8)
