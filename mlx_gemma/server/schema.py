@@ -57,7 +57,16 @@ def finetune_incomplete(name: str, missing: list[str]) -> ApiError:
 
 
 def too_large(size: int, limit: int) -> ApiError:
-    return ApiError(413, 3006, f"AiError: Request too large: {size} bytes is over the limit of {limit} bytes")
+    return request_too_large(f"{size} bytes is over the limit of {limit} bytes")
+
+
+def request_too_large(reason: str) -> ApiError:
+    return ApiError(413, 3006, f"AiError: Request too large: {reason}")
+
+
+def name_conflict(reason: str) -> ApiError:
+    """A fine-tune name that is taken (by another fine-tune, or by an adapter loaded at start)."""
+    return ApiError(409, 5006, f"AiError: Bad input: {reason}")
 
 
 def out_of_capacity(reason: str) -> ApiError:

@@ -30,8 +30,8 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 
 from ..lora.store import AssetError, AssetTooLarge, FinetuneError, FinetuneExists, FinetuneNotFound, is_disk_full
-from .schema import (ApiError, as_api_error, bad_input, failure, finetune_not_found, parse_json, storage_full,
-                     success, too_large, validate_run_body)
+from .schema import (ApiError, as_api_error, bad_input, failure, finetune_not_found, name_conflict, parse_json,
+                     request_too_large, storage_full, success, too_large, validate_run_body)
 from .service import AsyncTextStream, Service
 
 PREFIX = "/client/v4/accounts/{account_id}/ai"
@@ -185,8 +185,8 @@ async def create_finetune(request: Request) -> Response:
     if not isinstance(description, str) or not isinstance(public, bool):
         raise bad_input('"description" must be a string and "public" a boolean')
     if name in service.adapter_names():
-        raise ApiError(409, 5006, f"AiError: Bad input: {name!r} is the name of an adapter this server loaded at "
-                                  f"start (--adapter or --fuse), which lora={name!r} serves: pick another name")
+        raise name_conflict(f"{name!r} is the name of an adapter this server loaded at start (--adapter or "
+                            f"--fuse), which lora={name!r} serves: pick another name")
     finetune = await _in_store(service.store.create, model, name, description, public)
     return JSONResponse(success(finetune.to_dict()))
 
@@ -199,9 +199,9 @@ async def _in_store(fn: Any, *args: Any, named: str = "") -> Any:
     except FinetuneNotFound:
         raise finetune_not_found(named) from None
     except FinetuneExists as exc:
-        raise ApiError(409, 5006, f"AiError: Bad input: {exc}") from None
+        raise name_conflict(str(exc)) from None
     except AssetTooLarge as exc:
-        raise ApiError(413, 3006, f"AiError: Request too large: {exc}") from None
+        raise request_too_large(str(exc)) from None
     except (AssetError, FinetuneError) as exc:
         raise bad_input(str(exc)) from None
     except Exception as exc:
@@ -266,9 +266,9 @@ async def _read_asset_form(request: Request, limit: int) -> tuple[str, UploadFil
     """The form's file_name and file; the body is refused as soon as it passes the limit, even unannounced."""
     declared = int(request.headers.get("content-length") or 0)
     if declared > limit + FORM_OVERHEAD_BYTES:
-        raise ApiError(413, 3006, f"AiError: Request too large: the upload is {declared} bytes and a fine-tune file "
-                                  f"may be at most {limit} bytes: upload a smaller adapter (a lower rank), or "
-                                  "start the server with a larger --max-upload-mb")
+        raise request_too_large(f"the upload is {declared} bytes and a fine-tune file may be at most {limit} "
+                                "bytes: upload a smaller adapter (a lower rank), or start the server with a "
+                                "larger --max-upload-mb")
     limit += FORM_OVERHEAD_BYTES
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
         raise bad_input("upload the asset as multipart/form-data with fields file_name and file")
