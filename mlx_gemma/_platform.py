@@ -4,6 +4,12 @@ On Linux, MLX's CPU wheel links a slow reference BLAS. When OpenBLAS is installe
 `libopenblas0-pthread`), loading it first with RTLD_GLOBAL makes MLX's matrix products use it:
 float32 prefill is ~20x and decode ~2.5x faster. Set MLX_GEMMA_OPENBLAS=0 to skip it, or to a
 library path to choose one. `blas_note()` says what happened, for start-up logs.
+
+OpenBLAS's worker threads spin for about 2^28 cycles after each product before they sleep.
+Decoding runs hundreds of small products a second, so they never sleep, and on a machine with
+few cores they take CPU time from MLX's compute thread and the server's threads (on 2 cores,
+about 40% of the process's time went to the kernel, yielding). Preloading sets
+OPENBLAS_THREAD_TIMEOUT=4 (2^4 cycles: sleep at once) unless the environment already sets it.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ _CANDIDATES = (
     "/usr/lib/libopenblas.so.0",
 )
 _note = "not Linux: MLX uses its own backend"
+SPIN_CYCLES_LOG2 = "4"  # OpenBLAS's smallest thread timeout: idle workers sleep at once
 
 
 def _find_openblas() -> str | None:
@@ -45,6 +52,7 @@ def preload_openblas() -> None:
     if path is None:
         _note = "OpenBLAS not found (apt-get install libopenblas0-pthread for ~20x faster prefill)"
         return
+    os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", SPIN_CYCLES_LOG2)  # read once, when the library loads
     try:
         ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
         _note = f"OpenBLAS preloaded from {path}"

@@ -1,0 +1,58 @@
+"""Linux set-up on import: OpenBLAS preloaded before MLX, and its worker threads told not to spin.
+
+Each case runs in a fresh interpreter, since preloading happens once, when mlx_gemma is first
+imported. The probe reads the variable through the C library's getenv, which is where OpenBLAS
+reads it when it loads.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from mlx_gemma import _platform
+
+PROBE = """
+import ctypes
+import mlx_gemma
+from mlx_gemma import _platform
+getenv = ctypes.CDLL(None).getenv
+getenv.restype = ctypes.c_char_p
+print(_platform.blas_note())
+print(getenv(b"OPENBLAS_THREAD_TIMEOUT"))
+"""
+
+needs_openblas = pytest.mark.skipif(not _platform.is_linux() or _platform._find_openblas() is None,
+                                    reason="OpenBLAS is preloaded on Linux only, when installed")
+
+
+def probe(**env: str) -> list[str]:
+    clean = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_THREAD_TIMEOUT", "MLX_GEMMA_OPENBLAS")}
+    done = subprocess.run([sys.executable, "-c", PROBE], env={**clean, **env}, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.splitlines()
+
+
+@needs_openblas
+def test_preloading_openblas_makes_its_idle_workers_sleep_at_once():
+    note, timeout = probe()
+    assert note == f"OpenBLAS preloaded from {_platform._find_openblas()}"
+    assert timeout == "b'4'"
+
+
+@needs_openblas
+def test_a_thread_timeout_set_by_the_user_is_kept():
+    note, timeout = probe(OPENBLAS_THREAD_TIMEOUT="12")
+    assert note.startswith("OpenBLAS preloaded from ")
+    assert timeout == "b'12'"
+
+
+@pytest.mark.skipif(not _platform.is_linux(), reason="OpenBLAS is preloaded on Linux only")
+def test_with_openblas_turned_off_the_environment_is_left_alone():
+    note, timeout = probe(MLX_GEMMA_OPENBLAS="0")
+    assert note == "OpenBLAS turned off by MLX_GEMMA_OPENBLAS=0 (unset it for ~20x faster prefill)"
+    assert timeout == "None"
