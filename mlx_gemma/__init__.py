@@ -15,12 +15,15 @@ _platform.preload_openblas()
 
 from pathlib import Path  # noqa: E402
 
+from .engine import QueueFullError  # noqa: E402
 from .loading import ModelLoadError, load_model  # noqa: E402
 from .lora.adapters import AdapterLimits  # noqa: E402
+from .lora.store import AdapterBusyError  # noqa: E402
 from .runtime import GenerationResult, Runtime, TextStream, Usage, check_capacities, check_fuse  # noqa: E402
 from .sampler import GenerationParams  # noqa: E402
 
-__all__ = ["load", "Runtime", "GenerationParams", "GenerationResult", "TextStream", "Usage", "ModelLoadError"]
+__all__ = ["load", "Runtime", "GenerationParams", "GenerationResult", "TextStream", "Usage", "ModelLoadError",
+           "QueueFullError", "AdapterBusyError"]
 __version__ = "0.1.0"
 
 

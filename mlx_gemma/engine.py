@@ -36,6 +36,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .lora.layers import set_rows
+from .lora.store import AdapterBusyError
 from .models.cache import BatchKVCache, KVCache, make_cache
 from .sampler import GenerationParams, RowSampler, sample
 
@@ -133,9 +134,21 @@ class Request:
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.perf_counter)
 
+    stopped: bool = False  # ended by its reader as a stop token would end it (a stop string)
+
     def cancel(self) -> None:
         """Stop this request at its next step (or before it starts); its slot is freed then."""
         self.cancelled.set()
+
+    def stop(self) -> None:
+        """Stop it as `cancel` does, but count it as finished by "stop" (its reader found a stop string)."""
+        self.stopped = True
+        self.cancelled.set()
+
+    @property
+    def left_as(self) -> str:
+        """The finish reason counted when it ends early: "stop" or "cancelled"."""
+        return "stop" if self.stopped else "cancelled"
 
 
 class PrefixCache:
@@ -210,6 +223,7 @@ class EngineStats:
     """Counters since the engine started, for /metrics; read them from any thread."""
 
     requests: collections.Counter = field(default_factory=collections.Counter)  # by finish reason
+    rejected: collections.Counter = field(default_factory=collections.Counter)  # refused at once, by reason
     prompt_tokens: int = 0
     generated_tokens: int = 0
     steps: int = 0
@@ -302,12 +316,18 @@ class EngineThread:
         """Rows in the running batch."""
         return len(self._rows)
 
+    @property
+    def prefilling(self) -> int:
+        """Requests whose prompt is being read (they have left the queue, not yet joined the batch)."""
+        return 0 if self._prefilling is None else 1
+
     def submit(self, request: Request) -> None:
         with self._count_lock:  # with close(): nothing is queued behind the stop
             self._check_open()
             if self.waiting >= self.max_queue:
+                self.stats.rejected["queue_full"] += 1
                 raise QueueFullError(f"{self.waiting} requests are already waiting (max_queue={self.max_queue}): "
-                                     "retry shortly, or start the server with a larger --max-queue")
+                                     "retry shortly, or raise the limit (--max-queue, max_queue= in Python)")
             self.waiting += 1
             self._jobs.put(request)
 
@@ -339,7 +359,8 @@ class EngineThread:
                 return
             self._closing = True
             self._jobs.put(None)
-        self._closed.wait(timeout=60)
+        if threading.current_thread() is not self._thread:  # on it (a dropped Runtime's finalizer): it stops after this job
+            self._closed.wait(timeout=60)
 
     def _loop(self) -> None:
         while self._take_jobs(block=not self._rows and not self._pending and self._prefilling is None):
@@ -372,7 +393,8 @@ class EngineThread:
         cancelled = [r for r in self._pending if r.cancelled.is_set()]
         if cancelled:
             self._pending = collections.deque(r for r in self._pending if not r.cancelled.is_set())
-            self.stats.requests["cancelled"] += len(cancelled)
+            for request in cancelled:
+                self.stats.requests[request.left_as] += 1
             with self._count_lock:
                 self.waiting -= len(cancelled)
 
@@ -424,22 +446,41 @@ class EngineThread:
                 self._prefilling = None
 
     def _next_prefill(self) -> "_Prefill | None":
+        """Take waiting requests in order until one can start. One whose adapter needs a resident
+        slot that running rows hold waits at the head of the queue until a row leaves (first come,
+        first served: later requests wait behind it); it fails only when no row runs."""
         while self._pending and len(self._rows) < self.max_batch:
-            request = self._pending.popleft()
-            with self._count_lock:
-                self.waiting -= 1
+            request = self._pending[0]
             if request.cancelled.is_set():
+                self._leave_queue()
+                self.stats.requests[request.left_as] += 1
                 continue
             try:
                 check_prompt_length(len(request.prompt_ids), self.context_length)
                 sampler = RowSampler(request.params, request.prompt_ids, self.model.args.vocab_size)
                 slot = request.acquire()
-            except Exception as exc:
-                self.stats.requests["error"] += 1
-                _emit_quietly(request, exc)
+            except AdapterBusyError as exc:
+                if self._rows:
+                    return None
+                self._fail_waiting(request, exc)
                 continue
+            except Exception as exc:
+                self._fail_waiting(request, exc)
+                continue
+            self._leave_queue()
             return self._start_prefill(request, slot, sampler)
         return None
+
+    def _leave_queue(self) -> None:
+        self._pending.popleft()
+        with self._count_lock:
+            self.waiting -= 1
+
+    def _fail_waiting(self, request: Request, exc: Exception) -> None:
+        """End the request at the head of the queue with `exc`."""
+        self._leave_queue()
+        self.stats.requests["error"] += 1
+        _emit_quietly(request, exc)
 
     def _start_prefill(self, request: Request, slot: int, sampler: RowSampler) -> "_Prefill":
         ids = list(request.prompt_ids)
@@ -453,7 +494,7 @@ class EngineThread:
 
     def _prefill_chunk(self, job: "_Prefill") -> None:
         if job.request.cancelled.is_set():
-            self.stats.requests["cancelled"] += 1
+            self.stats.requests[job.request.left_as] += 1
             job.release()
             self._prefilling = None
             return
@@ -490,7 +531,7 @@ class EngineThread:
         finish = "stop" if row.token in self.stop_ids else "length" if row.count >= row.limit else None
         delivered = _emit_quietly(row.request, StepOutput(row.token, finish))
         if finish or not delivered or row.request.cancelled.is_set():
-            self.stats.requests[finish or "cancelled"] += 1
+            self.stats.requests[finish or row.request.left_as] += 1
             row.release()
             return False
         return True
@@ -545,7 +586,7 @@ class EngineThread:
             return
         for i, row in enumerate(self._rows):
             if i not in keep and not row.released:
-                self.stats.requests["cancelled"] += 1
+                self.stats.requests[row.request.left_as] += 1
                 row.release()
         self._rows = [self._rows[i] for i in keep]
         for batch_cache in self._cache:

@@ -26,7 +26,9 @@ between threads; `submit(ids, params, lora, emit)` is the non-blocking entry the
 
 from __future__ import annotations
 
+import contextlib
 import queue
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -120,9 +122,16 @@ class TextStream:
         raise StopIteration
 
     def close(self) -> None:
-        """Stop generating now and free the engine for others (also done when garbage-collected)."""
+        """Stop generating now and free the engine for others (also done when garbage-collected,
+        and on leaving a `with` block)."""
         self._request.cancel()
         self._pieces.finish_reason = self._pieces.finish_reason or "cancelled"
+
+    def __enter__(self) -> "TextStream":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
     def __del__(self) -> None:
         request = getattr(self, "_request", None)
@@ -167,6 +176,7 @@ class Runtime:
             self.registry.read(name, path)  # installed adapters must be made on the engine thread: only check here
         self.engine = EngineThread(self.model, self.tokenizer.stop_ids, loaded.context_length,
                                    max_queue=max_queue, max_batch=max_batch)
+        weakref.finalize(self, self.engine.close)  # a Runtime dropped without close() lets go of its model
         try:
             self._install_adapters(adapters, fuse)
         except BaseException:
@@ -181,7 +191,7 @@ class Runtime:
 
     def close(self) -> None:
         """Stop the engine (see EngineThread.close): running streams end with RuntimeError and
-        later calls raise it. Also done at interpreter exit."""
+        later calls raise it. Also done at interpreter exit, and when the Runtime is garbage-collected."""
         self.engine.close()
 
     def __enter__(self) -> "Runtime":
@@ -285,9 +295,9 @@ class Runtime:
                  top_p: float | None = None, top_k: int | None = None, seed: int | None = None,
                  repetition_penalty: float | None = None, frequency_penalty: float | None = None,
                  presence_penalty: float | None = None) -> GenerationResult:
-        stream = self.stream(prompt, messages, raw, lora, max_tokens, temperature, top_p, top_k, seed,
-                             repetition_penalty, frequency_penalty, presence_penalty)
-        text = "".join(stream)
+        with self.stream(prompt, messages, raw, lora, max_tokens, temperature, top_p, top_k, seed,
+                         repetition_penalty, frequency_penalty, presence_penalty) as stream:
+            text = "".join(stream)  # an exception or Ctrl-C here stops the request, too
         return GenerationResult(text, stream.usage, stream.finish_reason or "length", stream.token_ids)
 
     def generate_many(self, requests: Sequence[Mapping[str, Any]]) -> list[GenerationResult]:
@@ -305,11 +315,16 @@ class Runtime:
         results = []
         wave = max(1, self.engine.max_queue)  # never more waiting than the queue holds
         for start in range(0, len(prepared), wave):
-            streams = [TextStream(self, ids, params, lora) for ids, params, lora in prepared[start:start + wave]]
-            texts = ["".join(stream) for stream in streams]
-            results += [GenerationResult(text, s.usage, s.finish_reason or "length", s.token_ids)
-                        for text, s in zip(texts, streams)]
+            results += self._run_wave(prepared[start:start + wave])
         return results
+
+    def _run_wave(self, prepared: list[tuple[list[int], GenerationParams, str | None]]) -> list[GenerationResult]:
+        """Run requests together; an error in one, or Ctrl-C, stops the others too."""
+        with contextlib.ExitStack() as running:
+            streams = [running.enter_context(TextStream(self, ids, params, lora)) for ids, params, lora in prepared]
+            texts = ["".join(stream) for stream in streams]
+        return [GenerationResult(text, s.usage, s.finish_reason or "length", s.token_ids)
+                for text, s in zip(texts, streams)]
 
     def logits(self, token_ids: Sequence[int], lora: str | None = None) -> np.ndarray:
         """Logits of every position for the given ids, in one forward pass without cache."""

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 import secrets
 from dataclasses import dataclass, fields
 from typing import Any, Callable, NamedTuple, Sequence
@@ -90,6 +91,14 @@ _LIMITS: dict[str, _Limit] = {
 }
 
 
+def _plain_number(value: Any) -> Any:
+    """A numbers.Integral or numbers.Real that is not Python's own (numpy's int64, float32...) as
+    Python's int or float; anything else as it is, for validation to judge."""
+    if isinstance(value, (bool, int, float)) or not isinstance(value, numbers.Real):
+        return value
+    return int(value) if isinstance(value, numbers.Integral) else float(value)
+
+
 def _limit_problem(name: str, value: Any, limit: _Limit) -> str | None:
     """Describe what is wrong with ``value`` for parameter ``name``, or None."""
     if value is None:
@@ -115,6 +124,10 @@ class GenerationParams:
     repetition_penalty: float | None = None
     frequency_penalty: float | None = None
     presence_penalty: float | None = None
+
+    def __post_init__(self) -> None:
+        for field in fields(self):  # numpy scalars and the like count as the Python number they hold
+            object.__setattr__(self, field.name, _plain_number(getattr(self, field.name)))
 
     def validate(self) -> "GenerationParams":
         """Return self, or raise one ValueError naming every bad parameter."""

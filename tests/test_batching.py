@@ -46,6 +46,20 @@ def test_generate_many_equals_each_request_alone(batch_rt: mlx_gemma.Runtime) ->
     assert batch_rt.engine.stats.steps - steps_before < sum(len(r.token_ids) for r in alone) / 3
 
 
+def test_more_adapters_than_resident_slots_take_turns(tiny_dir: Path) -> None:
+    """Four adapters, two slots: requests whose adapter has no free slot wait for one, in order."""
+    runtime = mlx_gemma.load(tiny_dir, adapters=ADAPTERS, max_resident_adapters=2, max_batch=8)
+    requests = [dict(prompt=f"Turn {i} of the story", lora=lora, max_tokens=12, temperature=0)
+                for i, lora in enumerate([*ADAPTERS, *ADAPTERS])]
+    alone = [runtime.generate(**request) for request in requests]
+    together = runtime.generate_many(requests)
+    assert [r.token_ids for r in together] == [r.token_ids for r in alone]
+    assert runtime.engine.stats.requests["error"] == 0
+    assert runtime.engine.stats.peak_batch == 2  # never more adapters at once than slots
+    assert sum(a["resident"] for a in runtime.adapters()) == 2
+    runtime.close()
+
+
 def test_generate_many_names_a_bad_request(batch_rt: mlx_gemma.Runtime) -> None:
     with pytest.raises(ValueError, match=r"requests\[1\]: temperature=9 is out of range"):
         batch_rt.generate_many([{"prompt": "a"}, {"prompt": "b", "temperature": 9}])

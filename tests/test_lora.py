@@ -307,11 +307,14 @@ def test_switching_and_eviction_never_copy_the_base(tiny_dir):
 def test_adapters_in_use_are_not_evicted(tiny_dir):
     runtime = mlx_gemma.load(tiny_dir, max_resident_adapters=1, adapters={"a": str(ADAPTERS / "all7_r8")})
     runtime.registry.acquire("a")
-    with pytest.raises(AdapterBusyError, match="in use"):
-        runtime.add_adapter("b", str(ADAPTERS / "second_all7_r8"))
+    runtime.add_adapter("b", str(ADAPTERS / "second_all7_r8"))  # known, loaded when a slot is free
+    assert [(a["name"], a["resident"]) for a in runtime.adapters()] == [("a", True), ("b", False)]
+    with pytest.raises(AdapterBusyError, match="all 1 resident adapters are in use"):
+        runtime.registry.acquire("b")
     runtime.registry.release("a")
-    runtime.add_adapter("b", str(ADAPTERS / "second_all7_r8"))
-    assert [a["resident"] for a in runtime.adapters()] == [False, True]
+    assert runtime.registry.acquire("b") == 1  # "a" is idle now: evicted for "b"
+    runtime.registry.release("b")
+    assert [(a["name"], a["resident"]) for a in runtime.adapters()] == [("a", False), ("b", True)]
 
 
 def test_fuse_needs_a_named_adapter(tiny_dir):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 
 import numpy as np
 import pytest
@@ -37,6 +38,15 @@ def test_same_seed_same_text_and_different_seeds_differ(runtime):
     assert runtime.generate(seed=1234, **kwargs).token_ids == first.token_ids
     others = {tuple(runtime.generate(seed=s, **kwargs).token_ids) for s in (1, 2, 3)}
     assert len(others | {tuple(first.token_ids)}) > 1
+
+
+def test_numpy_numbers_count_as_the_python_numbers_they_hold(runtime):
+    kwargs = dict(prompt="Tell me a story", max_tokens=8, top_k=20)
+    plain = runtime.generate(seed=1234, temperature=1.5, **kwargs)
+    numpy = runtime.generate(seed=np.int64(1234), temperature=np.float32(1.5), **{**kwargs, "top_k": np.int32(20)})
+    assert numpy.token_ids == plain.token_ids
+    with pytest.raises(ValueError, match=re.escape("seed=np.float64(2.5) has type float64: use an integer")):
+        runtime.generate(seed=np.float64(2.5), **kwargs)
 
 
 def test_stream_pieces_join_to_generate_text(runtime):
@@ -135,3 +145,58 @@ def test_capacities_below_one_are_refused(tiny_dir, runtime, kwargs, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         Runtime(runtime.loaded, **kwargs)
     assert engine_threads() == before
+
+
+def test_a_runtime_dropped_without_close_lets_go_of_its_model(tiny_dir):
+    import gc
+    import weakref
+
+    import mlx_gemma
+
+    rt = mlx_gemma.load(tiny_dir)
+    assert rt.generate(prompt="Hi", temperature=0, max_tokens=3).usage.completion_tokens == 3
+    model, engine = weakref.ref(rt.model), rt.engine
+    del rt
+    gc.collect()
+    assert engine._closed.wait(timeout=30)  # the engine wound down and released the model
+    gc.collect()
+    assert model() is None
+    with pytest.raises(RuntimeError, match="this runtime is closed"):
+        engine.submit(None)
+
+
+class InterruptAfter:
+    """A detokenizer that raises KeyboardInterrupt at its n-th token, as Ctrl-C would in a loop."""
+
+    def __init__(self, inner, n: int):
+        self.inner, self.left = inner, n
+
+    def add(self, token: int) -> str:
+        self.left -= 1
+        if self.left == 0:
+            raise KeyboardInterrupt
+        return self.inner.add(token)
+
+    def flush(self) -> str:
+        return self.inner.flush()
+
+
+@pytest.mark.parametrize("call", ["generate", "generate_many"])
+def test_an_interrupt_while_reading_stops_every_request_of_the_call(tiny_dir, monkeypatch, call):
+    import mlx_gemma
+
+    rt = mlx_gemma.load(tiny_dir)
+    make = rt.tokenizer.detokenizer
+    monkeypatch.setattr(rt.tokenizer, "detokenizer", lambda: InterruptAfter(make(), 3))
+    request = {"prompt": "Tell me a long story", "temperature": 0, "max_tokens": 4000}
+    with pytest.raises(KeyboardInterrupt) as interrupted:  # kept, as a REPL keeps sys.last_traceback
+        rt.generate(**request) if call == "generate" else rt.generate_many([request] * 3)
+    stats = rt.engine.stats
+    deadline = time.monotonic() + 30
+    while rt.engine.active or rt.engine.waiting:
+        assert time.monotonic() < deadline, "the interrupted requests kept decoding"
+        time.sleep(0.01)
+    assert stats.requests["cancelled"] == (1 if call == "generate" else 3)
+    assert stats.generated_tokens < 1000  # stopped long before max_tokens
+    assert interrupted.traceback  # the frames that hold the streams were alive all along
+    rt.close()

@@ -310,7 +310,7 @@ def test_full_queue_answers_429_at_once(client: TestClient, server_runtime: mlx_
         response = client.post(RUN, json={"prompt": "a"})
         assert response.status_code == 429
         assert response.json() == error(3040, "AiError: Out of capacity: 2 requests are already waiting (max_queue=2): "
-                                              "retry shortly, or start the server with a larger --max-queue")
+                                              "retry shortly, or raise the limit (--max-queue, max_queue= in Python)")
     finally:
         gate.set()
         blocker.result(timeout=10)

@@ -1,11 +1,13 @@
 """Known adapters and the resident ones: an LRU of at most `max_resident` in the model.
 
 Contract: `add(name, path)` reads and validates the adapter first (an `AdapterError` leaves
-everything as it was), then makes it resident. `acquire(name)` returns the adapter's slot for
-a request, loading it again from its path if it was evicted; `release(name)` ends that use.
-When a new adapter needs room, the least recently used adapter that no request is using is
-evicted (it stays known and reloads on demand); if every resident adapter is in use, the
-request is refused with an `AdapterBusyError` naming the limit and how to raise it.
+everything as it was), then makes it resident, or, when every resident adapter is in use,
+leaves it known to be loaded on demand. `acquire(name)` returns the adapter's slot for a
+request, loading it from its path if it is not resident; `release(name)` ends that use.
+When an adapter needs room, the least recently used adapter that no request is using is
+evicted (it stays known and reloads on demand); if every resident adapter is in use,
+`acquire` raises `AdapterBusyError` naming the limit and how to raise it (the engine keeps
+such a request waiting until a running one releases its adapter).
 `remove(name)` forgets an adapter; `retire(name)` does it now, or, while requests use the adapter,
 when the last of them releases it (no new request acquires it meanwhile, and `names()` leaves it
 out): a re-uploaded or deleted fine-tune's old version never stays loaded.
@@ -98,10 +100,14 @@ class AdapterRegistry:
                 raise AdapterBusyError(f"adapter {name!r} is in use by a running request: replace it when it finishes")
             if name in self._resident:
                 self._evict(name)
-            self._make_room()
             self._paths[name] = Path(path)
-            self._install(adapter)
+            if self._has_room():  # else the first request that needs it loads it, once a slot is free
+                self._make_room()
+                self._install(adapter)
         return adapter
+
+    def _has_room(self) -> bool:
+        return len(self._resident) < self.max_resident or any(not self._in_use[n] for n in self._resident)
 
     def _install(self, adapter: Adapter) -> int:
         used = {slot for _, slot in self._resident.values()}
@@ -158,6 +164,11 @@ class AdapterRegistry:
             self._in_use[name] -= 1
             if not self._in_use[name] and name in self._retiring:
                 self.remove(name)
+
+    @property
+    def resident_count(self) -> int:
+        """How many adapters are resident; read without the lock, which a load holds while it reads files."""
+        return len(self._resident)
 
     def get(self, name: str) -> Adapter | None:
         entry = self._resident.get(name)

@@ -113,7 +113,7 @@ class AsyncTextStream:
 
     def stop(self) -> None:
         """End the request here, as a stop token would (a stop string was found in the text)."""
-        self._request.cancel()
+        self._request.stop()
         self._pieces.finish_reason = "stop"
 
 
