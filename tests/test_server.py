@@ -411,7 +411,8 @@ def test_openai_models_and_finetune_by_model(client: TestClient, reference: mlx_
     assert body["choices"][0]["message"]["content"] == reference.generate(messages=messages, lora="all7", **GREEDY).text
     missing = client.post("/v1/chat/completions", json={"model": "gpt-4o", "messages": messages})
     assert missing.status_code == 404
-    assert missing.json()["error"]["type"] == "not_found_error"
+    assert {k: missing.json()["error"][k] for k in ("type", "code", "param")} == {
+        "type": "invalid_request_error", "code": "model_not_found", "param": "model"}
     bad = client.post("/v1/chat/completions", json={"messages": messages, "temperature": 9})
     assert bad.status_code == 400 and "temperature" in bad.json()["error"]["message"]
 
@@ -471,7 +472,7 @@ def test_openai_unset_max_tokens_follows_openai_and_vllm(client: TestClient, ser
 
 
 def test_openai_values_as_vllm_takes_them(client: TestClient, server_runtime: mlx_gemma.Runtime) -> None:
-    """top_k <= 0 is no top-k, any integer seed is taken (folded into 1..9999999999), 8.0 is 8."""
+    """top_k <= 0 is no top-k, any integer seed is taken (see openai.sampler_seed), 8.0 is 8."""
     def text(**fields: object) -> str:
         response = client.post("/v1/completions", json={"prompt": "Once upon a time", "temperature": 1.5, **fields})
         assert response.status_code == 200, response.text
@@ -480,8 +481,8 @@ def test_openai_values_as_vllm_takes_them(client: TestClient, server_runtime: ml
     def expected(**fields: object) -> str:
         return server_runtime.generate(prompt="Once upon a time", raw=True, temperature=1.5, **fields).text
 
-    assert text(seed=0, max_tokens=12) == expected(seed=1, max_tokens=12)
-    assert text(seed=-5, max_tokens=12) == expected(seed=9999999995, max_tokens=12)
+    assert text(seed=0, max_tokens=12) == expected(seed=2**32 + 1, max_tokens=12)
+    assert text(seed=-5, max_tokens=12) == expected(seed=2**32 + 6, max_tokens=12)
     assert text(seed=7, top_k=-1, max_tokens=12) == text(seed=7, top_k=0, max_tokens=12) == expected(seed=7, max_tokens=12)
     assert text(seed=7.0, max_tokens=5.0, top_k=3.0) == expected(seed=7, max_tokens=5, top_k=3)
     for flag in (False, True):  # a boolean is no number, as before

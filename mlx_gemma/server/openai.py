@@ -1,32 +1,43 @@
 """OpenAI-compatible routes: /v1/chat/completions, /v1/completions, /v1/models.
 
 Contract: the shapes of OpenAI's API as the `openai` SDK reads them. `model` names the base
-(any of its served names) or a fine-tune (id or name) or an adapter loaded with `--adapter`;
-it is optional and defaults to the base. Sampling fields: max_tokens (or
+(any of its served names) or a fine-tune (id or name) or an adapter loaded with `--adapter`
+(or fused with `--fuse`); it is optional and defaults to the base. With the base (or no
+`model`), a `lora` field (a string, as on the Workers AI route) picks the adapter instead: the
+answer is the one `model` set to that adapter gives; `lora` beside a `model` that names an
+adapter, or a `lora` that is not a string, is refused (400). Sampling fields: max_tokens (or
 max_completion_tokens), temperature, top_p, seed, frequency_penalty, presence_penalty, and as
 in vLLM top_k and repetition_penalty. Without max_tokens a chat completion runs until it stops
 or fills the context (as vLLM) and a completion stops at 16 tokens (as OpenAI). As in vLLM, a
-top_k of 0 or less means no top-k; any integer seed is taken (one outside the Workers AI range
-1-9999999999 is folded into it); integral numbers such as 8.0 count as integers. Other values
-outside the Workers AI schema's limits are refused (penalties below 0 among them). Fields sent
-as null count as unset. `developer` messages are system messages; a message's text parts are
-joined with newlines. echo, suffix, logprobs, n or best_of other than 1, and a response_format
-other than text are refused rather than ignored, and so is stream_options without stream.
+top_k of 0 or less means no top-k; integral numbers such as 8.0 count as integers. Any integer
+seed is taken (`sampler_seed`): 1 to 2**32 is the same seed as on the Workers AI route, and
+distinct seeds from -(2**32 - 1) to 5705032703 give distinct samples; larger ones fold into the
+sampler's range. Other values outside the Workers AI schema's limits are refused (penalties
+below 0 among them). Fields sent as null count as unset. `developer` messages are system
+messages; a message's text parts are joined with newlines. echo, suffix, logprobs, n or best_of
+other than 1, a response_format other than text, and a tool_choice or function_call other than
+"none" or "auto" are refused rather than ignored, and so is stream_options without stream.
 `/v1/completions` tokenizes the prompt as given (no chat template). `stop` strings end
 the text before the stop string. Streams end with `data: [DONE]`; with
 `stream_options.include_usage` a last chunk carries the usage; a stream that fails part way
 sends `data: {"error": {...}}` before `[DONE]`, which the SDK raises as an `APIError`.
-`GET /v1/models/{id}` returns one row of the list (a fine-tune's id finds its row). The same
-routes are mounted under /client/v4/accounts/{account_id}/ai/v1/. Errors: OpenAI's
-`{"error": {...}}` (`error_body`, used by app.py).
+`GET /v1/models` lists every name `model` takes but fine-tunes' ids; `GET /v1/models/{id}`
+returns one row of it (a fine-tune's id finds its row). The same routes are mounted under
+/client/v4/accounts/{account_id}/ai/v1/. Errors: OpenAI's `{"error": {...}}` (`error_body`,
+used by app.py). A refused field raises a `FieldError`, answered here with that field as
+`param`; an unknown model (or lora) is 404 with type invalid_request_error and code
+model_not_found, as OpenAI answers.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import fields
 from typing import Any
 
 from starlette.requests import Request
@@ -34,7 +45,8 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Mount, Route
 
 from ..lora.store import FinetuneNotFound
-from .schema import ApiError, bad_input, integral
+from ..sampler import GenerationParams
+from .schema import ApiError, bad_input, integral, shortened
 from .service import AsyncTextStream, Service
 from .workers_ai import (PREFIX, SSE_HEADERS, read_json, service_of, sse, started, unless_gone, until_error,
                          while_connected)
@@ -43,17 +55,70 @@ SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "seed", "frequency_penalty",
                    "repetition_penalty")
 NOT_SUPPORTED = {"tools": "tool calling", "functions": "function calling", "logit_bias": "logit_bias",
                  "echo": "echo (returning the prompt with the completion)", "suffix": "suffix (text after the completion)"}
+NO_TOOL_CHOICES = (None, "none", "auto")  # what tool_choice and function_call may be without tools
 INTEGER_FIELDS = ("max_tokens", "max_completion_tokens", "top_k", "seed")
-SEED_RANGE = 9999999999  # the Workers AI schema's seeds are 1..SEED_RANGE; other integers are folded into it
+SEED_RANGE = 9999999999  # the sampler's seeds, as the Workers AI schema's: 1..SEED_RANGE
+SHARED_SEEDS = 2**32  # seeds 1..SHARED_SEEDS are used as they are, as on the Workers AI route
+FOLDED_SEEDS = SEED_RANGE - 2 * SHARED_SEEDS  # sampler seeds left for OpenAI seeds above 2**32 or far below 0
 COMPLETION_MAX_TOKENS = 16  # OpenAI's and vLLM's default for /v1/completions
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
                405: "invalid_request_error", 409: "invalid_request_error", 413: "invalid_request_error",
                429: "rate_limit_error"}
 
 
-def error_body(status: int, code: int, message: str) -> dict[str, Any]:
+class FieldError(ApiError):
+    """An ApiError about one request field, which OpenAI's error object names as `param`. An unknown
+    model (or lora) also takes OpenAI's own type and code: invalid_request_error, model_not_found."""
+
+    def __init__(self, error: ApiError, param: str):
+        super().__init__(error.status, error.code, error.message)
+        self.param = param
+        self.not_found = error.status == 404 and error.code == 3037
+
+
+def bad_field(param: str, message: str) -> FieldError:
+    """400 (5006) for the request field `param`."""
+    return FieldError(bad_input(message), param)
+
+
+@contextmanager
+def about(param: str) -> Iterator[None]:
+    """A bad request (400 or 404) raised inside names `param` as the field at fault, unless it names one."""
+    try:
+        yield
+    except FieldError:
+        raise
+    except ApiError as exc:
+        if exc.status not in (400, 404):
+            raise
+        raise FieldError(exc, param) from None
+
+
+def error_body(status: int, code: int | str, message: str, param: str | None = None,
+               kind: str | None = None) -> dict[str, Any]:
     """OpenAI's error object, as the `openai` SDK reads it."""
-    return {"error": {"message": message, "type": ERROR_TYPES.get(status, "server_error"), "param": None, "code": code}}
+    kind = kind or ERROR_TYPES.get(status, "server_error")
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def error_object(error: ApiError) -> dict[str, Any]:
+    """OpenAI's error object for an ApiError: a FieldError names its field (and an unknown model)."""
+    if not isinstance(error, FieldError):
+        return error_body(error.status, error.code, error.message)
+    if error.not_found:
+        return error_body(error.status, "model_not_found", error.message, error.param, "invalid_request_error")
+    return error_body(error.status, error.code, error.message, error.param)
+
+
+def naming_fields(endpoint: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
+    """An endpoint whose FieldErrors are answered here, with their `param`; app.py renders other errors."""
+    @functools.wraps(endpoint)
+    async def answer(request: Request) -> Response:
+        try:
+            return await endpoint(request)
+        except FieldError as exc:
+            return JSONResponse(error_object(exc), exc.status)
+    return answer
 
 
 async def resolve_model(service: Service, model: Any) -> str | None:
@@ -61,29 +126,69 @@ async def resolve_model(service: Service, model: Any) -> str | None:
     if model is None or model in service.served_models():
         return None
     if not isinstance(model, str):
-        raise bad_input(f"model must be a string, got {model!r}")
-    try:
-        return await service.resolve_lora(model)
-    except ApiError as exc:
-        if exc.code != 3037:
-            raise
-        raise ApiError(404, 3037, f"The model {model!r} does not exist: use one of "
-                                  f"{', '.join(service.served_models())} or a fine-tune's name") from None
+        raise bad_field("model", f"model must be a string, got {model!r}")
+    with about("model"):
+        try:
+            return await service.resolve_lora(model)
+        except ApiError as exc:
+            if exc.status != 404:
+                raise
+            raise ApiError(404, 3037, f"The model {model!r} does not exist: use one of "
+                                      f"{', '.join(service.served_models())} or a fine-tune's name") from None
+
+
+async def resolve_adapter(service: Service, body: dict[str, Any]) -> str | None:
+    """The lora key of a request: `model`'s, or with the base model, `lora`'s (as the Workers AI route reads it)."""
+    lora = await resolve_model(service, body.get("model"))
+    named = body.get("lora")
+    if named is None:
+        return lora
+    if not isinstance(named, str):
+        raise bad_field("lora", f"lora: {shortened(named)} is not of type 'string'")
+    if lora is not None:
+        raise bad_field("lora", f"lora={named!r:.80} and model={body['model']!r:.80} both name an adapter: "
+                                "name it in model, or send the base model with lora")
+    with about("lora"):
+        return await service.resolve_lora(named)
+
+
+def sampler_seed(seed: int) -> int:
+    """The sampler's seed (1..9999999999) for any integer seed, one to one from -(2**32 - 1) to
+    2**32 + FOLDED_SEEDS: 1..2**32 stay as they are (as on the Workers AI route), 0 and the negatives
+    down to -(2**32 - 1) take 2**32 + 1 - seed, and any other seed folds into 2**33 + 1..9999999999."""
+    if 1 <= seed <= SHARED_SEEDS:
+        return seed
+    if -SHARED_SEEDS < seed <= 0:
+        return SHARED_SEEDS + 1 - seed
+    return 2 * SHARED_SEEDS + 1 + (seed - SHARED_SEEDS - 1) % FOLDED_SEEDS
 
 
 def sampling(body: dict[str, Any], default_max_tokens: int) -> dict[str, Any]:
-    """Sampler arguments from the body; null means unset, as in OpenAI's API."""
+    """Sampler arguments from the body; null means unset, as in OpenAI's API. A bad value is a FieldError."""
     _refuse_unsupported(body)
     body = {key: integral(body[key]) if key in INTEGER_FIELDS else body[key] for key in body}
     args = {key: body[key] for key in SAMPLING_FIELDS if body.get(key) is not None}
     if _is_int(args.get("top_k")) and args["top_k"] <= 0:
         del args["top_k"]  # vLLM's -1 (and 0): no top-k
-    if _is_int(args.get("seed")) and not 1 <= args["seed"] <= SEED_RANGE:
-        args["seed"] = args["seed"] % SEED_RANGE + 1  # OpenAI takes any integer seed
-    max_tokens = next((body[key] for key in ("max_completion_tokens", "max_tokens") if body.get(key) is not None), None)
-    args["max_tokens"] = default_max_tokens if max_tokens is None else max_tokens
+    if _is_int(args.get("seed")):
+        args["seed"] = sampler_seed(args["seed"])  # OpenAI takes any integer seed
+    given = next((key for key in ("max_completion_tokens", "max_tokens") if body.get(key) is not None), None)
+    args["max_tokens"] = default_max_tokens if given is None else body[given]
     args.setdefault("temperature", 1.0)  # OpenAI's default
+    _check_sampling(args, given or "max_tokens")
     return args
+
+
+def _check_sampling(args: dict[str, Any], max_tokens_field: str) -> None:
+    """Refuse what GenerationParams would, with its message, naming the first bad field as `param`."""
+    problems = {}
+    for name in (field.name for field in fields(GenerationParams) if field.name in args):
+        try:
+            GenerationParams(**{name: args[name]}).validate()
+        except ValueError as exc:
+            problems[max_tokens_field if name == "max_tokens" else name] = str(exc)
+    if problems:
+        raise bad_field(next(iter(problems)), "; ".join(problems.values()))
 
 
 def _is_int(value: Any) -> bool:
@@ -91,43 +196,56 @@ def _is_int(value: Any) -> bool:
 
 
 def _refuse_unsupported(body: dict[str, Any]) -> None:
-    unsupported = [label for key, label in NOT_SUPPORTED.items() if body.get(key)]
+    unsupported = {key: label for key, label in NOT_SUPPORTED.items() if body.get(key)}
     logprobs = body.get("logprobs")
     if (logprobs is not None and logprobs is not False) or body.get("top_logprobs") is not None:
-        unsupported.append("logprobs")  # logprobs: 0 on /v1/completions asks for the sampled tokens' logprobs
+        # logprobs: 0 on /v1/completions asks for the sampled tokens' logprobs
+        unsupported["logprobs" if logprobs not in (None, False) else "top_logprobs"] = "logprobs"
     if unsupported:
-        raise bad_input(f"{', '.join(unsupported)} not supported by this server")
+        raise bad_field(next(iter(unsupported)), f"{', '.join(unsupported.values())} not supported by this server")
+    _refuse_tool_choice(body)
     for count in ("n", "best_of"):
         if body.get(count) not in (None, 1):
-            raise bad_input(f"{count}={body[count]!r}: only 1 is supported; send separate requests")
+            raise bad_field(count, f"{count}={body[count]!r}: only 1 is supported; send separate requests")
     response_format = body.get("response_format")
     if response_format not in (None, {"type": "text"}):
-        raise bad_input(f"response_format={response_format!r:.80} not supported: only {{\"type\": \"text\"}}")
+        raise bad_field("response_format",
+                        f"response_format={response_format!r:.80} not supported: only {{\"type\": \"text\"}}")
+
+
+def _refuse_tool_choice(body: dict[str, Any]) -> None:
+    """tool_choice or function_call asking for a tool: there are no tools to call (OpenAI refuses it too)."""
+    for key in ("tool_choice", "function_call"):
+        if body.get(key) not in NO_TOOL_CHOICES:
+            raise bad_field(key, f"{key}={body[key]!r:.80} not supported: this server calls no tools; "
+                                 "send \"none\" or \"auto\", or leave it out")
 
 
 def stop_strings(body: dict[str, Any]) -> list[str]:
     stop = body.get("stop")
     stops = [stop] if isinstance(stop, str) else stop or []
     if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops) or len(stops) > 4:
-        raise bad_input(f"stop={stop!r}: give a string or a list of at most 4 non-empty strings")
+        raise bad_field("stop", f"stop={stop!r}: give a string or a list of at most 4 non-empty strings")
     return stops
 
 
 def stream_options(body: dict[str, Any], streaming: bool) -> dict[str, Any]:
     options = body.get("stream_options")
     if options is not None and not isinstance(options, dict):
-        raise bad_input(f"stream_options={options!r:.80}: give an object such as {{\"include_usage\": true}}, or null")
+        raise bad_field("stream_options",
+                        f"stream_options={options!r:.80}: give an object such as {{\"include_usage\": true}}, or null")
     if options is not None and not streaming:
-        raise bad_input("stream_options is only for streamed answers: send \"stream\": true, or leave it out")
+        raise bad_field("stream_options",
+                        "stream_options is only for streamed answers: send \"stream\": true, or leave it out")
     return options or {}
 
 
-def flag(holder: dict[str, Any], name: str) -> bool:
+def flag(holder: dict[str, Any], name: str, param: str | None = None) -> bool:
     """A boolean field: true, false, null or absent. A string such as "false" is refused, as OpenAI does,
-    rather than read as truthy."""
+    rather than read as truthy; the error names `param` (default: `name`)."""
     value = holder.get(name)
     if value is not None and not isinstance(value, bool):
-        raise bad_input(f"{name}={value!r:.80}: give true or false (a JSON boolean), or leave it out")
+        raise bad_field(param or name, f"{name}={value!r:.80}: give true or false (a JSON boolean), or leave it out")
     return bool(value)
 
 
@@ -179,27 +297,35 @@ def usage(stream: AsyncTextStream) -> dict[str, int]:
 async def generate(request: Request, chat: bool) -> Response:
     service = service_of(request)
     body = await read_json(request)
-    lora = await resolve_model(service, body.get("model"))
+    lora = await resolve_adapter(service, body)
     model = body.get("model") or service.served_models()[0]
-    text_args = _text_args(body, chat)
-    # Unset max_tokens: chat runs to a stop or a full context (as vLLM), a completion stops at 16 (as OpenAI)
-    default_max_tokens = service.runtime.loaded.context_length if chat else COMPLETION_MAX_TOKENS
-    ids, params = service.prepare(lora, **text_args, **sampling(body, default_max_tokens))
+    ids, params = _prepared(service, lora, body, chat)
     stops = stop_strings(body)
     streaming = flag(body, "stream")
-    include_usage = flag(stream_options(body, streaming), "include_usage")
+    include_usage = flag(stream_options(body, streaming), "include_usage", "stream_options")
     stream = service.open_stream(ids, params, lora)
     pieces = stopped_text(stream, await while_connected(request, stream, started(stream)), stops)
     meta = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()), "model": model}
     if streaming:
         events = (chat_events if chat else completion_events)(stream, pieces, meta, include_usage)
-        events = until_error(events, lambda error: error_body(error.status, error.code, error.message))
-        return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
+        return StreamingResponse(until_error(events, error_object), media_type="text/event-stream",
+                                 headers=SSE_HEADERS)
     try:
         text = await while_connected(request, stream, _joined(pieces))
     finally:
         stream.cancel()
     return JSONResponse((chat_body if chat else completion_body)(text, stream, meta))
+
+
+def _prepared(service: Service, lora: str | None, body: dict[str, Any],
+              chat: bool) -> tuple[list[int], GenerationParams]:
+    """Prompt ids and generation parameters. Unset max_tokens: a chat runs to a stop or a full context
+    (as vLLM), a completion stops at 16 tokens (as OpenAI)."""
+    text_args = _text_args(body, chat)
+    default_max_tokens = service.runtime.loaded.context_length if chat else COMPLETION_MAX_TOKENS
+    args = sampling(body, default_max_tokens)
+    with about("messages" if chat else "prompt"):  # the sampling values are checked: what is left is the text
+        return service.prepare(lora, **text_args, **args)
 
 
 async def _joined(pieces: AsyncIterator[str]) -> str:
@@ -209,14 +335,14 @@ async def _joined(pieces: AsyncIterator[str]) -> str:
 def _text_args(body: dict[str, Any], chat: bool) -> dict[str, Any]:
     if chat:
         if "messages" not in body:
-            raise bad_input('messages is required: a list of {"role", "content"} objects')
+            raise bad_field("messages", 'messages is required: a list of {"role", "content"} objects')
         return {"messages": [_flatten_content(m) for m in body["messages"]]} if isinstance(
             body["messages"], list) else {"messages": body["messages"]}
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
         prompt = prompt[0]
     if not isinstance(prompt, str):
-        raise bad_input(f"prompt must be a string (or a list of one string), got {prompt!r:.80}")
+        raise bad_field("prompt", f"prompt must be a string (or a list of one string), got {prompt!r:.80}")
     return {"prompt": prompt, "raw": True}
 
 
@@ -265,11 +391,13 @@ async def completion_events(stream: AsyncTextStream, pieces: AsyncIterator[str],
 
 
 @unless_gone
+@naming_fields
 async def chat_completions(request: Request) -> Response:
     return await generate(request, chat=True)
 
 
 @unless_gone
+@naming_fields
 async def completions(request: Request) -> Response:
     return await generate(request, chat=False)
 
@@ -277,7 +405,7 @@ async def completions(request: Request) -> Response:
 async def model_rows(service: Service) -> list[dict[str, Any]]:
     finetunes = await asyncio.to_thread(service.store.list)
     rows = [_model_row(name, "mlx-gemma") for name in service.served_models()]
-    rows += [_model_row(name, "mlx-gemma:adapter") for name in sorted(service.static_adapters)]
+    rows += [_model_row(name, "mlx-gemma:adapter") for name in sorted(service.adapter_names())]
     return rows + [_model_row(f.name, "mlx-gemma:finetune") for f in finetunes if f.complete]
 
 
@@ -285,6 +413,7 @@ async def models(request: Request) -> Response:
     return JSONResponse({"object": "list", "data": await model_rows(service_of(request))})
 
 
+@naming_fields
 async def model(request: Request) -> Response:
     """One row of /v1/models, as `client.models.retrieve(id)` reads it; ids may hold slashes."""
     name, service = request.path_params["name"], service_of(request)
@@ -294,7 +423,8 @@ async def model(request: Request) -> Response:
         finetune = await asyncio.to_thread(_finetune_or_none, service, name)
         row = next((row for row in rows if finetune and row["id"] == finetune.name), None)  # listed: complete
     if row is None:
-        raise ApiError(404, 3037, f"The model {name!r} does not exist: GET /v1/models lists the served ones")
+        missing = ApiError(404, 3037, f"The model {name!r} does not exist: GET /v1/models lists the served ones")
+        raise FieldError(missing, "model")
     return JSONResponse(row)
 
 

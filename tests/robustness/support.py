@@ -70,15 +70,22 @@ def workers_ai_error(response: httpx.Response, status: int, code: int) -> str:
     return message
 
 
-def openai_error(response: httpx.Response, status: int, code: int) -> str:
-    """Assert OpenAI's error object with this status and code; return its message."""
+def openai_error(response: httpx.Response, status: int, code: int, param: str | set[str] | None = None) -> str:
+    """Assert OpenAI's error object with this status and code, naming `param` (or one of a set of
+    fields) as the field at fault; return its message. An unknown model is OpenAI's own
+    invalid_request_error with code model_not_found."""
     assert response.status_code == status, f"expected {status}, got {response.status_code}: {response.text[:400]}"
     assert response.headers["content-type"] == "application/json"
     body = response.json()
     message = body.get("error", {}).get("message")
     assert isinstance(message, str) and message, body
-    kind = OPENAI_ERROR_TYPES[status]
-    assert body == {"error": {"message": message, "type": kind, "param": None, "code": code}}
+    named = body["error"].get("param")
+    assert named in param if isinstance(param, set) else named == param, body
+    if (status, code) == (404, 3037):
+        assert body == {"error": {"message": message, "type": "invalid_request_error", "param": named,
+                                  "code": "model_not_found"}}
+        return message
+    assert body == {"error": {"message": message, "type": OPENAI_ERROR_TYPES[status], "param": named, "code": code}}
     return message
 
 

@@ -80,7 +80,8 @@ def test_refused_bodies_get_the_openai_error(fuzzer: Fuzzer, fuzz_target: FuzzTa
                                             chat: bool, mount: str) -> None:
     body, mutation = data.draw(refused_bodies(chat, fuzz_target.models), label="body and mutation")
     status, code = MUTATIONS[mutation][1]
-    openai_error(fuzzer.post_json(f"{mount}{route(chat)}", body), status, code)
+    fields = set(body) | {"messages" if chat else "prompt"}  # the field at fault is one sent, or the text
+    openai_error(fuzzer.post_json(f"{mount}{route(chat)}", body), status, code, fields)
 
 
 @fuzz_settings(40)

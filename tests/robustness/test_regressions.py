@@ -64,20 +64,21 @@ def test_stream_options_other_than_an_object_are_bad_input(served: Served, optio
     http, runtime = served
     submitted = runtime.engine.stats.requests.copy()
     body = {"messages": [{"role": "user", "content": "Hi"}], "stream": True, "stream_options": options}
-    message = openai_error(http.post(CHAT, json=body), 400, 5006)
+    message = openai_error(http.post(CHAT, json=body), 400, 5006, "stream_options")
     assert message == (f"AiError: Bad input: stream_options={options!r}: give an object such as "
                        '{"include_usage": true}, or null')
     assert runtime.engine.stats.requests == submitted  # refused before any generation started
 
 
-@pytest.mark.parametrize(("body", "name", "value"), [
-    ({"stream": "false"}, "stream", "false"), ({"stream": 1}, "stream", 1),
-    ({"stream": True, "stream_options": {"include_usage": "no"}}, "include_usage", "no")])
-def test_a_boolean_given_as_another_type_is_bad_input(served: Served, body: dict, name: str, value: object) -> None:
+@pytest.mark.parametrize(("body", "name", "value", "param"), [
+    ({"stream": "false"}, "stream", "false", "stream"), ({"stream": 1}, "stream", 1, "stream"),
+    ({"stream": True, "stream_options": {"include_usage": "no"}}, "include_usage", "no", "stream_options")])
+def test_a_boolean_given_as_another_type_is_bad_input(served: Served, body: dict, name: str, value: object,
+                                                      param: str) -> None:
     http, runtime = served
     submitted = runtime.engine.stats.requests.copy()
     response = http.post(CHAT, json={"messages": [{"role": "user", "content": "Hi"}], **body})
-    assert openai_error(response, 400, 5006) == (
+    assert openai_error(response, 400, 5006, param) == (
         f"AiError: Bad input: {name}={value!r}: give true or false (a JSON boolean), or leave it out")
     assert runtime.engine.stats.requests == submitted  # "false" no longer starts a stream
 
@@ -86,7 +87,7 @@ def test_a_boolean_given_as_another_type_is_bad_input(served: Served, body: dict
 def test_a_role_that_is_not_a_string_is_bad_input(served: Served, role: object) -> None:
     http, _ = served
     response = http.post(CHAT, json={"messages": [{"role": role, "content": "Hi"}]})
-    assert openai_error(response, 400, 5006) == (
+    assert openai_error(response, 400, 5006, "messages") == (
         f"AiError: Bad input: messages[0].role={role!r} is not supported: use user, assistant (or model), system or developer")
 
 
