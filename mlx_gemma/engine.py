@@ -529,12 +529,15 @@ class EngineThread:
         row.count += 1
         self.stats.generated_tokens += 1
         finish = "stop" if row.token in self.stop_ids else "length" if row.count >= row.limit else None
+        if finish:
+            self.stats.requests[finish] += 1  # before the reader sees its last token: /metrics then agrees
         delivered = _emit_quietly(row.request, StepOutput(row.token, finish))
-        if finish or not delivered or row.request.cancelled.is_set():
-            self.stats.requests[finish or row.request.left_as] += 1
-            row.release()
-            return False
-        return True
+        if not finish and delivered and not row.request.cancelled.is_set():
+            return True
+        if not finish:
+            self.stats.requests[row.request.left_as] += 1
+        row.release()
+        return False
 
     def _step(self) -> None:
         """Hand step n+1 of every row to MLX, then emit step n's tokens while it runs (pipelined).

@@ -4,6 +4,7 @@ scrape that never waits on the adapter registry's lock (held while an adapter's 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -83,13 +84,17 @@ def test_a_fresh_server_exposes_every_series_at_zero_in_text_format_0_0_4(fresh)
 
 
 def test_a_completion_ended_by_a_stop_string_counts_as_stop(fresh) -> None:
-    _, client = fresh
+    runtime, client = fresh
     body = {"prompt": "Hello there", "max_tokens": 24, "temperature": 0}
     text = client.post("/v1/completions", json=body).json()["choices"][0]["text"]
     stop = "ok"
     assert text.index(stop) > 10 and not text.endswith(stop)  # the tiny model says "ok" part way
     stopped = client.post("/v1/completions", json={**body, "stop": [stop]}).json()["choices"][0]
     assert (stopped["text"], stopped["finish_reason"]) == (text[:text.index(stop)], "stop")
+    deadline = time.monotonic() + 30
+    while runtime.engine.active:  # the answer is sent first; the row leaves at the engine's next step
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
     counted = samples(client)
     assert counted[("mlx_gemma_requests_total", (("reason", "stop"),))] == 1
     assert counted[("mlx_gemma_requests_total", (("reason", "length"),))] == 1
