@@ -16,12 +16,16 @@ For each batch row, the logits (computed in float32) go through, in order:
    included): keep the smallest set of highest-probability tokens whose
    cumulative probability is >= top_p, always at least the top token.
    ``top_p >= 1`` keeps every token (no work is done); ``top_p == 0`` keeps
-   only the top token.
+   only the top token (and the tokens tied with it, see below).
 6. Sample with the Gumbel-max trick: argmax(logits + Gumbel noise), the
    noise bounded below so a kept token always beats a filtered one.
 
 Filtered tokens become ``-inf``. Both filters cut at a threshold logit, so
-tokens tied with the last kept token are kept too.
+tokens tied with the last kept token are kept too. For top_k this is vLLM's
+rule; vLLM's top_p instead keeps tied tokens up to the cut in its sort order,
+which no meaning of the logits decides, so here a set of equal tokens is
+kept or dropped as one (with bfloat16 logits, where ties are common, the
+kept set can be a few tokens larger than vLLM's).
 
 Each row owns a PRNG key: ``mx.random.key(seed)``, or a fresh random seed
 when none is given. Every step that samples a row splits its key into (next
