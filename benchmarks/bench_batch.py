@@ -9,7 +9,8 @@ concurrent base streams; `--streams` concurrent streams each with its own rank-8
 all seven projections (random weights). Each stream is greedy, `--tokens` long, from its own
 prompt; streams are read from threads through the Python API (`Runtime.stream`). Aggregate
 tokens/s is every stream's tokens over the wall time from submission to the last token;
-time to first token is per stream, p50 and p99 over the streams of all runs.
+time to first token is per stream, p50 and p99 over the streams of all runs. The prefix cache
+is emptied before each run, so no run reuses the prompts of the one before.
 """
 
 from __future__ import annotations
@@ -18,13 +19,12 @@ import argparse
 import json
 import statistics
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import tiny_model_dir, write_random_peft_adapter  # noqa: E402  (imports mlx_gemma first)
+from common import scratch_dir, tiny_model_dir, write_random_peft_adapter  # noqa: E402  (imports mlx_gemma first)
 
 import mlx_gemma  # noqa: E402
 from mlx_gemma.lora.adapters import FAMILIES  # noqa: E402
@@ -35,7 +35,7 @@ def load(model: str, streams: int) -> tuple[mlx_gemma.Runtime, list[str]]:
                              max_resident_adapters=streams)
     family = FAMILIES[runtime.loaded.config["model_type"]]
     linears = runtime.registry.base_info().linears
-    root = Path(tempfile.mkdtemp())
+    root = scratch_dir()
     names = []
     for i in range(streams):
         write_random_peft_adapter(root / f"a{i}", linears, seed=i, model_type="gemma" if family == "gemma" else "gemma3")
@@ -45,7 +45,9 @@ def load(model: str, streams: int) -> tuple[mlx_gemma.Runtime, list[str]]:
 
 
 def run_load(runtime: mlx_gemma.Runtime, loras: list[str | None], tokens: int) -> dict:
-    """Start every stream at once; return aggregate tokens/s and each stream's time to first token."""
+    """Start every stream at once; return aggregate tokens/s and each stream's time to first token.
+    The prefix cache is emptied first, so every run reads its prompts in full."""
+    runtime.engine.run(runtime.engine.prefixes.clear)
     start = time.perf_counter()
     streams = [runtime.stream(prompt=f"Stream {i} writes about the sea and", raw=True, lora=lora,
                               temperature=0, max_tokens=tokens) for i, lora in enumerate(loras)]

@@ -11,18 +11,23 @@
 
 Two pairs are timed, alternating ours and theirs on each run (greedy, same prompt ids):
 token level, our `engine.generate_tokens` vs `mlx_lm.generate.generate_step`; and, for models
-with a tokenizer, text level, our `Runtime.stream` vs `mlx_lm.stream_generate` (detokenizing
-included). Prefill tokens/s is prompt length / time to first token; decode tokens/s counts
-the tokens after the first over the time after the first. Figures are medians over the runs
-with min and max; ratios are ours / mlx-lm, pair by pair.
+with a tokenizer, text level, our engine through the path `Runtime.stream` takes vs
+`mlx_lm.stream_generate`: tokenizing and detokenizing included on both sides, one item per
+token on both sides, and our prefix cache emptied before each run, so that every run of
+either reads the whole prompt. After each run, work still in flight (mlx-lm evaluates a step
+ahead) is waited for outside the timers, and the order of the two alternates run by run.
+Prefill tokens/s is prompt length / time to first token; decode tokens/s counts the tokens
+after the first over the time after the first. Figures are medians over the runs with min
+and max; ratios are ours / mlx-lm, pair by pair.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import queue
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -37,6 +42,7 @@ from mlx_lm.sample_utils import make_sampler  # noqa: E402
 import mlx_gemma  # noqa: E402
 from mlx_gemma import _platform  # noqa: E402
 from mlx_gemma.engine import generate_tokens  # noqa: E402
+from mlx_gemma.runtime import Pieces  # noqa: E402
 from mlx_gemma.sampler import GenerationParams  # noqa: E402
 
 
@@ -71,13 +77,25 @@ def token_level(ours: nn.Module, theirs: nn.Module, ids: list[int], n_decode: in
     return {"mlx-gemma": run_ours, "mlx-lm": run_theirs}
 
 
+def text_steps(runtime: mlx_gemma.Runtime, prompt: str, n_decode: int) -> Iterator[str]:
+    """Our text path one token at a time, as `stream_generate` yields mlx-lm's: the prompt is
+    tokenized and submitted on the first `next` (inside the caller's timer), and each engine
+    step is detokenized as `Runtime.stream` does (an incomplete character gives an empty piece)."""
+    ids, params = runtime.prepare(prompt=prompt, raw=True, temperature=0, max_tokens=n_decode)
+    steps: queue.SimpleQueue = queue.SimpleQueue()
+    pieces = Pieces(runtime.tokenizer.detokenizer(), runtime.tokenizer.stop_ids)
+    runtime.submit(ids, params, None, steps.put)
+    while pieces.finish_reason is None:
+        yield pieces.take(steps.get())
+
+
 def text_level(runtime: mlx_gemma.Runtime, theirs: nn.Module, tokenizer: object, ids: list[int],
                n_decode: int) -> dict[str, Callable]:
     prompt = runtime.tokenizer.decode(ids)
 
     def run_ours() -> dict[str, float]:
-        stream = runtime.stream(prompt=prompt, raw=True, temperature=0, max_tokens=n_decode)
-        return timed(iter(stream), len(ids))
+        runtime.engine.run(runtime.engine.prefixes.clear)  # every run reads the whole prompt, as mlx-lm's do
+        return timed(text_steps(runtime, prompt, n_decode), len(ids))
 
     def run_theirs() -> dict[str, float]:
         responses = stream_generate(theirs, tokenizer, prompt, max_tokens=n_decode, sampler=make_sampler(0.0))

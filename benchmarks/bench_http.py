@@ -15,13 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import compare, print_rows, tiny_model_dir  # noqa: E402  (imports mlx_gemma first)
+from common import compare, print_rows, scratch_dir, tiny_model_dir  # noqa: E402  (imports mlx_gemma first)
 
 import httpx  # noqa: E402
 
@@ -62,7 +61,7 @@ def in_python(runtime: mlx_gemma.Runtime, tokens: int) -> dict[str, float]:
 
 
 def run(runtime: mlx_gemma.Runtime, label: str, tokens: int, runs: int) -> list[dict]:
-    app = build_app(runtime, Settings(data_dir=Path(tempfile.mkdtemp(prefix="mlx-gemma-bench-"))))
+    app = build_app(runtime, Settings(data_dir=scratch_dir()))
     with serving(app) as url, httpx.Client(base_url=url, timeout=600) as client:
         runners: dict[str, Callable[[], dict]] = {"HTTP SSE": lambda: over_http(client, tokens),
                                                   "Python API": lambda: in_python(runtime, tokens)}

@@ -18,12 +18,11 @@ import argparse
 import json
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (compare, print_rows, random_2b, single_row, timed, tiny_model_dir,  # noqa: E402
+from common import (compare, print_rows, random_2b, scratch_dir, single_row, timed, tiny_model_dir,  # noqa: E402
                     write_random_peft_adapter)
 
 import mlx.core as mx  # noqa: E402
@@ -71,7 +70,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     else:
         model = mlx_gemma.load(args.model if args.model != "tiny" else tiny_model_dir(), dtype=args.dtype).model
     registry = AdapterRegistry(model, "gemma")
-    adapter_dir = write_random_peft_adapter(Path(tempfile.mkdtemp()) / "r8", layers.linear_dims(model))
+    adapter_dir = write_random_peft_adapter(scratch_dir() / "r8", layers.linear_dims(model))
     before = base_arrays(model)
     extra = load_and_switch(registry, adapter_dir, 3)
     registry.add("r8", adapter_dir)
