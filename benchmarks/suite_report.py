@@ -14,8 +14,8 @@ from collections.abc import Callable
 TARGETS = [
     ("decode vs mlx-lm, tiny", "tiny", "text level mlx-gemma decode_tps", "mlx-lm", 1.10, "ratio"),
     ("decode vs mlx-lm, 2B shape", "2b-shape", "float32 token level mlx-gemma decode_tps", "mlx-lm", 1.10, "ratio"),
-    ("LoRA unfused rank 8 overhead, tiny", "tiny", "unfused r8 decode_tps", "base", 0.05, "overhead"),
-    ("LoRA unfused rank 8 overhead, 2B shape", "2b-shape", "unfused r8 decode_tps", "base", 0.05, "overhead"),
+    ("LoRA unfused rank 8 overhead, tiny", "tiny", "unfused r8 decode_tps", "plain", 0.05, "overhead"),
+    ("LoRA unfused rank 8 overhead, 2B shape", "2b-shape", "unfused r8 decode_tps", "plain", 0.05, "overhead"),
     ("8 streams with 8 adapters vs 1 stream, tiny", "tiny", "batch 8 streams, one adapter each, aggregate", "1 stream",
      3.0, "ratio"),
     ("8 streams with 8 adapters vs 1 stream, demo", "demo", "batch 8 streams, one adapter each, aggregate", "1 stream",
