@@ -457,14 +457,19 @@ class EngineThread:
                 continue
             try:
                 check_prompt_length(len(request.prompt_ids), self.context_length)
-                sampler = RowSampler(request.params, request.prompt_ids, self.model.args.vocab_size)
                 slot = request.acquire()
             except AdapterBusyError as exc:
                 if self._rows:
-                    return None
+                    return None  # tried again next step: nothing else is built while it waits
                 self._fail_waiting(request, exc)
                 continue
             except Exception as exc:
+                self._fail_waiting(request, exc)
+                continue
+            try:
+                sampler = RowSampler(request.params, request.prompt_ids, self.model.args.vocab_size)
+            except Exception as exc:
+                request.release()
                 self._fail_waiting(request, exc)
                 continue
             self._leave_queue()

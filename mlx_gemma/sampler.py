@@ -116,6 +116,14 @@ def _limit_problem(name: str, value: Any, limit: _Limit) -> str | None:
     return None
 
 
+class InvalidParams(ValueError):
+    """Bad generation parameters: the message names each one and its fix; `names` lists them in order."""
+
+    def __init__(self, message: str, names: list[str]):
+        super().__init__(message)
+        self.names = names
+
+
 @dataclass(frozen=True)
 class GenerationParams:
     """Per-request generation settings, with the Workers AI schema's limits."""
@@ -139,9 +147,9 @@ class GenerationParams:
             _limit_problem(field.name, getattr(self, field.name), _LIMITS[field.name])
             for field in fields(self)
         ]
-        problems = [problem for problem in problems if problem]
-        if problems:
-            raise ValueError("; ".join(problems))
+        bad = {field.name: problem for field, problem in zip(fields(self), problems) if problem}
+        if bad:
+            raise InvalidParams("; ".join(bad.values()), list(bad))
         return self
 
 

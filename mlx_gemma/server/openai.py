@@ -37,7 +37,6 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import fields
 from typing import Any
 
 from starlette.requests import Request
@@ -45,7 +44,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Mount, Route
 
 from ..lora.store import FinetuneNotFound
-from ..sampler import GenerationParams
+from ..sampler import GenerationParams, InvalidParams
 from .schema import ApiError, bad_input, integral, shortened
 from .service import AsyncTextStream, Service
 from .workers_ai import (PREFIX, SSE_HEADERS, read_json, service_of, sse, started, unless_gone, until_error,
@@ -180,15 +179,12 @@ def sampling(body: dict[str, Any], default_max_tokens: int) -> dict[str, Any]:
 
 
 def _check_sampling(args: dict[str, Any], max_tokens_field: str) -> None:
-    """Refuse what GenerationParams would, with its message, naming the first bad field as `param`."""
-    problems = {}
-    for name in (field.name for field in fields(GenerationParams) if field.name in args):
-        try:
-            GenerationParams(**{name: args[name]}).validate()
-        except ValueError as exc:
-            problems[max_tokens_field if name == "max_tokens" else name] = str(exc)
-    if problems:
-        raise bad_field(next(iter(problems)), "; ".join(problems.values()))
+    """Refuse what GenerationParams refuses, with its message, naming the first bad field as `param`."""
+    try:
+        GenerationParams(**args).validate()
+    except InvalidParams as exc:
+        first = exc.names[0]
+        raise bad_field(max_tokens_field if first == "max_tokens" else first, str(exc)) from None
 
 
 def _is_int(value: Any) -> bool:
