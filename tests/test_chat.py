@@ -51,6 +51,43 @@ def test_matches_the_checkpoint_chat_template(tiny_dir, tok):
     assert prompt_ids(tok, messages=messages) == hf(text, add_special_tokens=False)["input_ids"]
 
 
+# Gemma 3's own chat template (google/gemma-3-*-it), for text content: the system text is kept as
+# sent before the first user text, which is trimmed like every other turn.
+GEMMA3_CHAT_TEMPLATE = (
+    "{{ bos_token }}{%- if messages[0]['role'] == 'system' -%}"
+    "{%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}{%- set loop_messages = messages[1:] -%}"
+    "{%- else -%}{%- set first_user_prefix = '' -%}{%- set loop_messages = messages -%}{%- endif -%}"
+    "{%- for message in loop_messages -%}"
+    "{%- if message['role'] == 'assistant' -%}{%- set role = 'model' -%}{%- else -%}{%- set role = message['role'] -%}"
+    "{%- endif -%}{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '') }}"
+    "{{ message['content'] | trim }}{{ '<end_of_turn>\n' }}{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}"
+)
+
+
+@pytest.mark.parametrize("system, user", [(" Be brief. \n", "Hello"), ("S", ""), ("Be brief.", "  Hello  ")])
+def test_system_text_is_kept_as_sent_as_gemma3s_template_does(tiny_dir, tok, system, user):
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoTokenizer.from_pretrained(str(tiny_dir))
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": user}]
+    text = hf.apply_chat_template(messages, chat_template=GEMMA3_CHAT_TEMPLATE, add_generation_prompt=True,
+                                  tokenize=False)
+    assert prompt_ids(tok, messages=messages) == hf(text, add_special_tokens=False)["input_ids"]
+
+
+def test_continue_final_message_leaves_the_models_turn_open(tiny_dir, tok):
+    messages = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Paris "}]
+    continued = prompt_ids(tok, messages=messages, continue_final_message=True, add_generation_prompt=False)
+    assert continued == [BOS, SOT, *USER, *HELLO, EOT, NL, SOT, 368, NL, 411, 361]
+    closed = prompt_ids(tok, messages=messages, add_generation_prompt=False)
+    assert closed == [*continued, EOT, NL]
+    assert prompt_ids(tok, messages=messages) == [*closed, *MODEL_OPEN]
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoTokenizer.from_pretrained(str(tiny_dir))
+    text = hf.apply_chat_template(messages, continue_final_message=True, tokenize=False)
+    assert continued == hf(text, add_special_tokens=False)["input_ids"]
+
+
 def test_raw_adds_bos_only_when_missing(tok):
     water = [415, 515, 379, 354, 330]
     assert prompt_ids(tok, prompt="Water boils at", raw=True) == [BOS, *water]
@@ -73,6 +110,11 @@ def test_raw_parses_turn_markers_but_messages_cannot_forge_them(tok):
     ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role='tool' is not supported"),
     ({"messages": [{"role": "user", "content": None}]}, "messages[0].content must be a string, got NoneType"),
     ({"messages": [{"role": "user", "content": "x"}], "raw": True}, "raw=True applies to prompt only"),
+    ({"messages": [{"role": "user", "content": "x"}], "continue_final_message": True, "add_generation_prompt": False},
+     "needs the last message to be the assistant's (it is 'user')"),
+    ({"messages": [{"role": "assistant", "content": "x"}], "continue_final_message": True},
+     "send add_generation_prompt=False with it"),
+    ({"prompt": "x", "continue_final_message": True}, "send messages ending with the assistant's text"),
 ])
 def test_bad_requests_name_the_value(tok, kwargs, message):
     with pytest.raises(ValueError) as err:
