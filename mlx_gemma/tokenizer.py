@@ -9,14 +9,17 @@ Contract:
 - `stop_ids` holds <eos>, <end_of_turn> and any eos id of generation_config.json.
 - `StreamingDetokenizer` turns ids into text pieces whose concatenation equals
   `decode(all ids)`: it never emits a split UTF-8 character (byte-fallback tokens are held until
-  the character completes) and keeps each piece's leading space. One exception: where the ids
-  end part way through a byte-fallback character, the pieces keep the complete characters of
-  that byte run and end with U+FFFD, where `decode` turns the whole run into U+FFFD.
+  the character completes, never more than 3) and keeps each piece's leading space. Tokens whose
+  own text holds U+FFFD (Gemma's vocabulary has some) are emitted at once. One exception: where
+  byte-fallback tokens do not form valid UTF-8 (a character cut off, a stray continuation byte),
+  the pieces keep every complete character and read each bad sequence as U+FFFD, as Python's
+  `bytes.decode("utf-8", "replace")` does, where `decode` turns the whole byte run into U+FFFD.
 Reads a Hugging Face `tokenizer.json` with the `tokenizers` library.
 """
 
 from __future__ import annotations
 
+import codecs
 import functools
 import json
 import re
@@ -71,6 +74,9 @@ class GemmaTokenizer:
     def token_to_id(self, token: str) -> int | None:
         return self._raw.token_to_id(token)
 
+    def id_to_token(self, token_id: int) -> str | None:
+        return self._raw.id_to_token(token_id)
+
     def detokenizer(self) -> "StreamingDetokenizer":
         return StreamingDetokenizer(self)
 
@@ -99,10 +105,10 @@ class StreamingDetokenizer:
     """Feed ids one at a time with `add`; each call returns the text that became final.
 
     It decodes the ids held since the last piece it returned: one token, or the byte-fallback
-    tokens of a character still incomplete. A piece is returned, and the held ids dropped, as soon
-    as their text ends on a complete character. Decoding no more than that also keeps characters
-    that completed before a cut-off one: the tokenizer's decode turns a whole run of byte tokens
-    into U+FFFD when the run ends part way through a character.
+    tokens of a character still incomplete. Ids are held only while they end in byte-fallback
+    tokens whose bytes stop part way through a UTF-8 character. Decoding no more than that also
+    keeps characters that completed before a cut-off one: the tokenizer's decode turns a whole
+    run of byte tokens into U+FFFD when the run ends part way through a character.
     """
 
     def __init__(self, tokenizer: GemmaTokenizer):
@@ -111,19 +117,26 @@ class StreamingDetokenizer:
 
     def add(self, token_id: int) -> str:
         self._held.append(token_id)
-        text = self._tokenizer.decode(self._held)
-        if text.endswith(REPLACEMENT_CHAR):
-            return ""  # a character is still incomplete: wait for its next bytes
-        self._held = []
-        return text
+        if self._ends_mid_character():
+            return ""  # wait for the character's next bytes
+        return self.flush()
+
+    def _ends_mid_character(self) -> bool:
+        byte_values = self._tokenizer.byte_values
+        if self._held[-1] not in byte_values:
+            return False
+        decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        decoder.decode(bytes(byte_values[i] for i in self._held))  # held ids before the last are all bytes
+        return bool(decoder.getstate()[0])  # bytes kept back: a character not finished yet
 
     def flush(self) -> str:
-        """Return whatever is held back: an incomplete character at the end reads as one U+FFFD, as
-        Python's `bytes.decode("utf-8", "replace")` reads it (the tokenizer gives one per byte)."""
+        """Return whatever is held back: byte-fallback tokens (at most one other token after them), their
+        bytes read as Python's `bytes.decode("utf-8", "replace")` reads them (an incomplete character at
+        the end is one U+FFFD; the tokenizer's decode gives one per byte, and blanks valid ones beside it)."""
         held, self._held = self._held, []
         byte_values = self._tokenizer.byte_values
-        cut = len(held)
-        while cut and held[cut - 1] in byte_values:
-            cut -= 1
-        tail = bytes(byte_values[token_id] for token_id in held[cut:])
-        return self._tokenizer.decode(held[:cut]) + tail.decode("utf-8", "replace")
+        run = 0
+        while run < len(held) and held[run] in byte_values:
+            run += 1
+        head = bytes(byte_values[token_id] for token_id in held[:run])
+        return head.decode("utf-8", "replace") + self._tokenizer.decode(held[run:])

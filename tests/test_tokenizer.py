@@ -82,3 +82,40 @@ def test_a_lone_surrogate_is_refused_naming_it_and_the_fix(tok):
         "the text 'ok \\ud800 then' holds a lone UTF-16 surrogate '\\ud800' at index 3: pass valid Unicode "
         "(join a surrogate pair into one character, or decode bytes with errors='replace')")
     assert tok.decode(tok.encode("ok \U0001f642")) == "ok \U0001f642"  # a joined pair is one character and encodes
+
+
+def _with_replacement_token(tiny_dir) -> tuple[GemmaTokenizer, int]:
+    """The tiny tokenizer plus a token whose own text is U+FFFD, as Gemma's vocabulary has."""
+    from tokenizers import Tokenizer
+    raw = Tokenizer.from_file(str(tiny_dir / "tokenizer.json"))
+    raw.add_tokens(["\ufffd"])
+    tok = GemmaTokenizer(raw)
+    return tok, tok.token_to_id("\ufffd")
+
+
+def test_a_token_whose_text_is_the_replacement_character_streams_at_once(tiny_dir):
+    tok, replacement = _with_replacement_token(tiny_dir)
+    detok = tok.detokenizer()
+    ids = [replacement, replacement, *tok.encode(" ok")]
+    pieces = [detok.add(i) for i in ids]
+    assert pieces[:2] == ["\ufffd", "\ufffd"]
+    assert "".join(pieces) + detok.flush() == tok.decode(ids) == "\ufffd\ufffd ok"
+    assert all(detok.add(replacement) == "\ufffd" for _ in range(200))  # nothing held: each is one decode
+
+
+def test_a_stray_continuation_byte_costs_only_itself(tok):
+    """日 then a lone 0x80 then x: the character stays whole and the bad byte is one U+FFFD, as Python's
+    decode with errors="replace" reads the bytes (the tokenizer's decode blanks the whole run)."""
+    byte_ids = {value: token_id for token_id, value in tok.byte_values.items()}
+    ids = [*tok.encode("日"), byte_ids[0x80], *tok.encode("x")]
+    detok = tok.detokenizer()
+    pieces = [detok.add(i) for i in ids] + [detok.flush()]
+    assert pieces == ["", "", "日", "\ufffd", "x", ""]
+    assert tok.decode(ids) == "\ufffd" * 4 + "x"
+
+
+def test_a_cut_character_followed_by_a_byte_token_is_one_replacement_then_the_byte(tok):
+    byte_ids = {value: token_id for token_id, value in tok.byte_values.items()}
+    ids = [byte_ids[0xE6], byte_ids[0x97], byte_ids[0x41]]  # 日 cut after 2 bytes, then "A" as a byte
+    detok = tok.detokenizer()
+    assert [detok.add(i) for i in ids] + [detok.flush()] == ["", "", "\ufffdA", ""]
