@@ -264,13 +264,28 @@ class Runtime:
             self.registry.release(lora)
 
     def prepare(self, prompt: str | None = None, messages: Sequence[Mapping[str, Any]] | None = None,
-                raw: bool = False, lora: str | None = None, **sampling: Any) -> tuple[list[int], GenerationParams]:
-        """Validate a request and return its prompt token ids and generation parameters."""
+                raw: bool = False, lora: str | None = None, continue_final_message: bool = False,
+                add_generation_prompt: bool = True, **sampling: Any) -> tuple[list[int], GenerationParams]:
+        """Validate a request and return its prompt token ids and generation parameters.
+        `continue_final_message` and `add_generation_prompt` shape the chat template (see `chat`)."""
         params = GenerationParams(**sampling).validate()
         self._check_lora(lora)
-        ids = prompt_ids(self.tokenizer, prompt=prompt, messages=messages, raw=raw)
+        ids = prompt_ids(self.tokenizer, prompt=prompt, messages=messages, raw=raw,
+                         continue_final_message=continue_final_message, add_generation_prompt=add_generation_prompt)
         check_prompt_length(len(ids), self.loaded.context_length)
+        self._check_embedded(ids)
         return ids, params
+
+    def _check_embedded(self, ids: list[int]) -> None:
+        """Refuse ids the model has no embedding row for: a tokenizer may hold more tokens than the
+        model (Gemma 3 text models and `<image_soft_token>`), and MLX would read past the table."""
+        vocab_size = self.model.args.vocab_size
+        if max(ids) < vocab_size:
+            return
+        beyond = next(i for i in ids if i >= vocab_size)
+        raise ValueError(f"the prompt holds the token {self.tokenizer.id_to_token(beyond)!r} (id {beyond}), "
+                         f"which this model has no embedding for (its ids are 0..{vocab_size - 1}): "
+                         "take it out of the prompt")
 
     def submit(self, ids: list[int], params: GenerationParams, lora: str | None,
                emit: Callable[[StepOutput | BaseException], None]) -> Request:
@@ -284,9 +299,11 @@ class Runtime:
                raw: bool = False, lora: str | None = None, max_tokens: int = 256, temperature: float = 0.6,
                top_p: float | None = None, top_k: int | None = None, seed: int | None = None,
                repetition_penalty: float | None = None, frequency_penalty: float | None = None,
-               presence_penalty: float | None = None) -> TextStream:
-        ids, params = self.prepare(prompt, messages, raw, lora, max_tokens=max_tokens, temperature=temperature,
-                                   top_p=top_p, top_k=top_k, seed=seed, repetition_penalty=repetition_penalty,
+               presence_penalty: float | None = None, *, continue_final_message: bool = False,
+               add_generation_prompt: bool = True) -> TextStream:
+        ids, params = self.prepare(prompt, messages, raw, lora, continue_final_message, add_generation_prompt,
+                                   max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                                   seed=seed, repetition_penalty=repetition_penalty,
                                    frequency_penalty=frequency_penalty, presence_penalty=presence_penalty)
         return TextStream(self, ids, params, lora)
 
@@ -294,9 +311,12 @@ class Runtime:
                  raw: bool = False, lora: str | None = None, max_tokens: int = 256, temperature: float = 0.6,
                  top_p: float | None = None, top_k: int | None = None, seed: int | None = None,
                  repetition_penalty: float | None = None, frequency_penalty: float | None = None,
-                 presence_penalty: float | None = None) -> GenerationResult:
+                 presence_penalty: float | None = None, *, continue_final_message: bool = False,
+                 add_generation_prompt: bool = True) -> GenerationResult:
         with self.stream(prompt, messages, raw, lora, max_tokens, temperature, top_p, top_k, seed,
-                         repetition_penalty, frequency_penalty, presence_penalty) as stream:
+                         repetition_penalty, frequency_penalty, presence_penalty,
+                         continue_final_message=continue_final_message,
+                         add_generation_prompt=add_generation_prompt) as stream:
             text = "".join(stream)  # an exception or Ctrl-C here stops the request, too
         return GenerationResult(text, stream.usage, stream.finish_reason or "length", stream.token_ids)
 

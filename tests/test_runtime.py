@@ -93,6 +93,24 @@ def test_bad_token_ids(runtime):
         runtime.logits([])
 
 
+def test_a_prompt_token_the_model_has_no_embedding_for_is_refused(tiny_dir, runtime, monkeypatch):
+    """A tokenizer may hold more tokens than the model has rows (Gemma 3 text models and
+    <image_soft_token>): MLX would read past the embedding table, so the request is refused."""
+    from tokenizers import Tokenizer
+
+    from mlx_gemma.tokenizer import GemmaTokenizer
+    raw = Tokenizer.from_file(str(tiny_dir / "tokenizer.json"))
+    raw.add_special_tokens(["<image_soft_token>"])
+    monkeypatch.setattr(runtime, "tokenizer", GemmaTokenizer(raw))
+    vocab_size = runtime.model.args.vocab_size
+    assert runtime.tokenizer.token_to_id("<image_soft_token>") == vocab_size
+    with pytest.raises(ValueError, match=re.escape(f"the prompt holds the token '<image_soft_token>' (id {vocab_size}), "
+                                                   f"which this model has no embedding for (its ids are "
+                                                   f"0..{vocab_size - 1}): take it out of the prompt")):
+        runtime.generate(prompt="<image_soft_token>Hi", raw=True, max_tokens=2)
+    assert runtime.generate(prompt="<image_soft_token>Hi", max_tokens=2, temperature=0).usage.completion_tokens
+
+
 def test_runtime_is_usable_after_errors(runtime):
     with pytest.raises(ValueError):
         runtime.generate(prompt="x", temperature=-1)
