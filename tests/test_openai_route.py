@@ -140,6 +140,25 @@ def test_a_tool_choice_of_none_or_auto_is_taken(client: TestClient, server_runti
         assert client.post(CHAT, json=body).json()["choices"][0]["message"]["content"] == text
 
 
+def test_vllm_fields_at_their_no_op_values_are_taken(client: TestClient, server_runtime: mlx_gemma.Runtime) -> None:
+    text = server_runtime.generate(messages=HELLO, **GREEDY).text
+    body = {"messages": HELLO, **GREEDY, **openai.VLLM_DEFAULTS, "add_generation_prompt": True,
+            "continue_final_message": False}
+    assert client.post(CHAT, json=body).json()["choices"][0]["message"]["content"] == text
+
+
+def test_continue_final_message_continues_the_assistants_text(client: TestClient,
+                                                               server_runtime: mlx_gemma.Runtime) -> None:
+    messages = HELLO + [{"role": "assistant", "content": "Water boils"}]
+    expected = server_runtime.generate(messages=messages, continue_final_message=True, add_generation_prompt=False,
+                                       **GREEDY)
+    assert expected.text != server_runtime.generate(messages=messages, **GREEDY).text
+    body = {"messages": messages, "continue_final_message": True, "add_generation_prompt": False, **GREEDY}
+    reply = client.post(CHAT, json=body).json()
+    assert reply["choices"][0]["message"]["content"] == expected.text
+    assert reply["usage"]["prompt_tokens"] == expected.usage.prompt_tokens
+
+
 # --- a fused adapter in /v1/models --------------------------------------------------------------
 
 def test_a_fused_adapter_is_listed_and_retrieved(tiny_dir: Path, tmp_path: Path) -> None:
@@ -202,6 +221,25 @@ def test_a_fused_adapter_is_listed_and_retrieved(tiny_dir: Path, tmp_path: Path)
      bad("stop=['a', '']: give a string or a list of at most 4 non-empty strings", "stop")),
     (CHAT, {"messages": HELLO, "response_format": {"type": "json_object"}},
      bad("response_format={'type': 'json_object'} not supported: only {\"type\": \"text\"}", "response_format")),
+    (CHAT, {"messages": HELLO, "min_p": 0.5}, bad("min_p=0.5 is not supported by this server: leave it out (or send 0)",
+                                                  "min_p")),
+    (CHAT, {"messages": HELLO, "ignore_eos": True},
+     bad("ignore_eos=True is not supported by this server: leave it out (or send False)", "ignore_eos")),
+    ("/v1/completions", {"prompt": "Hi", "stop_token_ids": [5]},
+     bad("stop_token_ids=[5] is not supported by this server: leave it out (or send [])", "stop_token_ids")),
+    (CHAT, {"messages": HELLO, "guided_choice": ["a", "b"]},
+     bad("guided_choice=['a', 'b'] is not supported by this server: leave it out (or send None)", "guided_choice")),
+    (CHAT, {"messages": HELLO, "continue_final_message": True, "add_generation_prompt": False},
+     bad("continue_final_message=True needs the last message to be the assistant's (it is 'user'): end messages "
+         "with the assistant text to continue", "messages")),
+    (CHAT, {"messages": HELLO + [{"role": "assistant", "content": "Hi"}], "continue_final_message": True},
+     bad("continue_final_message=True continues the model's last turn, which a generation prompt would close: "
+         "send add_generation_prompt=False with it", "messages")),
+    (CHAT, {"messages": HELLO, "add_generation_prompt": "no"},
+     bad("add_generation_prompt='no': give true or false (a JSON boolean), or leave it out", "add_generation_prompt")),
+    ("/v1/completions", {"prompt": "Hi", "continue_final_message": True},
+     bad("continue_final_message shapes the chat template, which /v1/completions does not use: send it to "
+         "/v1/chat/completions, or leave it out", "continue_final_message")),
 ])
 def test_a_refused_field_is_named_as_param(client: TestClient, server_runtime: mlx_gemma.Runtime, path: str,
                                            body: dict, expected: tuple[int, dict]) -> None:

@@ -16,7 +16,11 @@ sampler's range. Other values outside the Workers AI schema's limits are refused
 below 0 among them). Fields sent as null count as unset. `developer` messages are system
 messages; a message's text parts are joined with newlines. echo, suffix, logprobs, n or best_of
 other than 1, a response_format other than text, and a tool_choice or function_call other than
-"none" or "auto" are refused rather than ignored, and so is stream_options without stream.
+"none" or "auto" are refused rather than ignored, and so is stream_options without stream; so are
+vLLM's own fields that are not applied (min_p, min_tokens, ignore_eos, stop_token_ids, guided
+decoding, ...: `VLLM_DEFAULTS`) unless sent with the value that changes nothing. As in vLLM,
+chat completions take continue_final_message (the answer continues the last, assistant,
+message) and add_generation_prompt (default true).
 `/v1/completions` tokenizes the prompt as given (no chat template). `stop` strings end
 the text before the stop string. Streams end with `data: [DONE]`; with
 `stream_options.include_usage` a last chunk carries the usage; a stream that fails part way
@@ -54,6 +58,13 @@ SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "seed", "frequency_penalty",
                    "repetition_penalty")
 NOT_SUPPORTED = {"tools": "tool calling", "functions": "function calling", "logit_bias": "logit_bias",
                  "echo": "echo (returning the prompt with the completion)", "suffix": "suffix (text after the completion)"}
+# vLLM's own request fields that this server does not apply, with the value that leaves the answer
+# as it is: that value (or null) is accepted, any other is refused rather than silently ignored.
+VLLM_DEFAULTS: dict[str, Any] = {"min_p": 0, "min_tokens": 0, "ignore_eos": False, "stop_token_ids": [],
+                                 "include_stop_str_in_output": False, "skip_special_tokens": True,
+                                 "use_beam_search": False, "prompt_logprobs": None, "guided_json": None,
+                                 "guided_regex": None, "guided_choice": None, "guided_grammar": None,
+                                 "structured_outputs": None}
 NO_TOOL_CHOICES = (None, "none", "auto")  # what tool_choice and function_call may be without tools
 INTEGER_FIELDS = ("max_tokens", "max_completion_tokens", "top_k", "seed")
 SEED_RANGE = 9999999999  # the sampler's seeds, as the Workers AI schema's: 1..SEED_RANGE
@@ -200,6 +211,7 @@ def _refuse_unsupported(body: dict[str, Any]) -> None:
     if unsupported:
         raise bad_field(next(iter(unsupported)), f"{', '.join(unsupported.values())} not supported by this server")
     _refuse_tool_choice(body)
+    _refuse_vllm_extras(body)
     for count in ("n", "best_of"):
         if body.get(count) not in (None, 1):
             raise bad_field(count, f"{count}={body[count]!r}: only 1 is supported; send separate requests")
@@ -207,6 +219,13 @@ def _refuse_unsupported(body: dict[str, Any]) -> None:
     if response_format not in (None, {"type": "text"}):
         raise bad_field("response_format",
                         f"response_format={response_format!r:.80} not supported: only {{\"type\": \"text\"}}")
+
+
+def _refuse_vllm_extras(body: dict[str, Any]) -> None:
+    for key, default in VLLM_DEFAULTS.items():
+        if body.get(key) not in (None, default):
+            raise bad_field(key, f"{key}={body[key]!r:.80} is not supported by this server: leave it out "
+                                 f"(or send {default!r})")
 
 
 def _refuse_tool_choice(body: dict[str, Any]) -> None:
@@ -329,17 +348,30 @@ async def _joined(pieces: AsyncIterator[str]) -> str:
 
 
 def _text_args(body: dict[str, Any], chat: bool) -> dict[str, Any]:
+    template = _template_args(body, chat)
     if chat:
         if "messages" not in body:
             raise bad_field("messages", 'messages is required: a list of {"role", "content"} objects')
-        return {"messages": [_flatten_content(m) for m in body["messages"]]} if isinstance(
-            body["messages"], list) else {"messages": body["messages"]}
+        messages = body["messages"]
+        return {"messages": [_flatten_content(m) for m in messages] if isinstance(messages, list) else messages,
+                **template}
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
         prompt = prompt[0]
     if not isinstance(prompt, str):
         raise bad_field("prompt", f"prompt must be a string (or a list of one string), got {prompt!r:.80}")
     return {"prompt": prompt, "raw": True}
+
+
+def _template_args(body: dict[str, Any], chat: bool) -> dict[str, bool]:
+    """vLLM's chat template fields: continue_final_message (default false), add_generation_prompt (true)."""
+    continued = flag(body, "continue_final_message")
+    opened = body.get("add_generation_prompt") is None or flag(body, "add_generation_prompt")
+    if not chat and (continued or not opened):
+        field = "continue_final_message" if continued else "add_generation_prompt"
+        raise bad_field(field, f"{field} shapes the chat template, which /v1/completions does not use: "
+                               "send it to /v1/chat/completions, or leave it out")
+    return {"continue_final_message": continued, "add_generation_prompt": opened}
 
 
 def _flatten_content(message: Any) -> Any:
