@@ -7,7 +7,9 @@ Numerics follow transformers' GemmaForCausalLM:
   where a config says `hidden_act: "gelu"`;
 - attention uses rotate-half RoPE (theta from the config, 10000 for Gemma), scale
   head_dim ** -0.5, and as many KV heads as the config has (1 on 2B);
-- the LM head is the embedding, tied.
+- the LM head is the embedding, tied, unless the config says `tie_word_embeddings: false` and
+  the checkpoint holds its own `lm_head.weight` (as transformers and mlx-lm read it); an untied
+  config without that weight ties (as mlx-lm does), and a tied one ignores a stray lm_head.
 
 The module takes token ids (B, L) and an optional list of per-layer KV caches and returns
 logits (B, L, vocab), or (B, 1, vocab) with `last_only=True`, which skips the vocabulary
@@ -38,6 +40,7 @@ class ModelArgs:
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
     max_position_embeddings: int = 8192
+    tie_word_embeddings: bool = True
 
     @classmethod
     def from_dict(cls, config: dict[str, Any]) -> "ModelArgs":
@@ -125,22 +128,30 @@ class GemmaModel(nn.Module):
 
 
 class Model(nn.Module):
+    body = GemmaModel  # what a subclass swaps for its own layers
+
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
         self.model_type = args.model_type
-        self.model = GemmaModel(args)
+        self.model = self.body(args)
+        if not args.tie_word_embeddings:  # sanitize drops it again when the checkpoint has no lm_head
+            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
 
     def __call__(self, inputs: mx.array, cache: list[Any] | None = None, last_only: bool = False) -> mx.array:
         h = self.model(inputs, cache)
         if last_only:
             h = h[:, -1:, :]
-        return self.model.embed_tokens.as_linear(h)
+        return self.lm_head(h) if "lm_head" in self else self.model.embed_tokens.as_linear(h)
 
     @property
     def layers(self) -> list[DecoderLayer]:
         return self.model.layers
 
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
-        """Drop tensors the tied model does not hold (a stray lm_head, rotary buffers)."""
-        return {k: v for k, v in weights.items() if not k.startswith("lm_head.") and "rotary_emb" not in k}
+        """Drop rotary buffers, and lm_head unless the model is untied; untied with no lm_head.weight: tie."""
+        if "lm_head" in self and "lm_head.weight" not in weights:
+            self.pop("lm_head")
+        untied = "lm_head" in self
+        return {k: v for k, v in weights.items()
+                if "rotary_emb" not in k and (untied or not k.startswith("lm_head."))}

@@ -11,7 +11,11 @@ Numerics follow transformers' Gemma3ForCausalLM:
   base rope_local_base_freq) and global ("full_attention": causal, RoPE base rope_theta, with
   linear rope_scaling when the config has it) as `layer_types` says (else every
   `sliding_window_pattern`-th layer is global);
-- the LM head is the embedding, tied; final_logit_softcapping applies tanh capping if set.
+- the LM head is tied to the embedding or not as in models/gemma.py; final_logit_softcapping
+  applies tanh capping if set;
+- in float16 each residual add runs in float32, clipped to float16's range, then cast back (as
+  mlx-lm's gemma3_text `clip_residual`): the residual stream of real Gemma 3 models grows past
+  float16's max (65504); other dtypes add plainly.
 
 Same interface as models/gemma.py: `Model(inputs (B, L), cache=None, last_only=False)` returns
 logits (B, L, vocab). The KV cache keeps every position (exact for any length); sliding layers
@@ -132,6 +136,14 @@ class Attention(nn.Module):
         return keys, values, window_mask(length, n_keys - start, self.window)
 
 
+def clip_residual(x: mx.array, y: mx.array) -> mx.array:
+    """x + y; in float16, summed in float32 and clipped to float16's range so it cannot overflow."""
+    if x.dtype != mx.float16:
+        return x + y
+    bound = mx.finfo(mx.float16).max
+    return mx.clip(x.astype(mx.float32) + y.astype(mx.float32), -bound, bound).astype(mx.float16)
+
+
 class DecoderLayer(nn.Module):
     def __init__(self, args: ModelArgs, kind: str):
         super().__init__()
@@ -142,8 +154,8 @@ class DecoderLayer(nn.Module):
         self.pre_feedforward_layernorm, self.post_feedforward_layernorm = norm(), norm()
 
     def __call__(self, x: mx.array, cache: Any | None = None) -> mx.array:
-        h = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cache))
-        return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
+        h = clip_residual(x, self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cache)))
+        return clip_residual(h, self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h))))
 
 
 class Gemma3Model(gemma.GemmaModel):
@@ -158,13 +170,9 @@ class Gemma3Model(gemma.GemmaModel):
 
 
 class Model(gemma.Model):
-    """Gemma 1's tied-head wrapper around the Gemma 3 body, with optional final softcapping."""
+    """Gemma 1's wrapper (LM head tied or not) around the Gemma 3 body, with optional final softcapping."""
 
-    def __init__(self, args: ModelArgs):
-        nn.Module.__init__(self)
-        self.args = args
-        self.model_type = args.model_type
-        self.model = Gemma3Model(args)
+    body = Gemma3Model
 
     def __call__(self, inputs: mx.array, cache: list[Any] | None = None, last_only: bool = False) -> mx.array:
         logits = super().__call__(inputs, cache, last_only)
