@@ -14,7 +14,13 @@ again: only directories of that name form whose source.json names this file.
 
 Names map from llama.cpp's (`blk.3.attn_q.weight`) to Hugging Face's
 (`model.layers.3.self_attn.q_proj.weight`). llama.cpp stores Gemma's RMSNorm weights as 1 + w;
-they are stored back as w, the form our models (and transformers) use.
+they are stored back as w, the form our models (and transformers) use. An `output.weight` becomes
+an untied `lm_head.weight` (tie_word_embeddings false), as llama.cpp uses it when present.
+
+Gemma 3 settings follow llama.cpp: `gemma3.rope.scaling.type`/`.factor` (linear x8 on the 4B,
+12B and 27B) become rope_scaling {"rope_type": "linear", "factor": F}; the local RoPE base is
+`gemma3.rope.freq_base_swa`, else 10000; query_pre_attn_scalar is head_dim, except on the 27B
+(62 blocks), where it is hidden_size // head_count (168, as in its Hugging Face config).
 """
 
 from __future__ import annotations
@@ -25,12 +31,13 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-CONVERTER_VERSION = "5"
+CONVERTER_VERSION = "6"
 TOP_LEVEL = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 IN_BLOCK = {
     "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
@@ -43,6 +50,7 @@ SPECIAL_TOKENS = {"bos_token": "bos_token_id", "eos_token": "eos_token_id", "unk
                   "pad_token": "padding_token_id"}
 USER_DEFINED = 4  # tokenizer.ggml.token_type of SentencePiece's user-defined symbols
 GEMMA1_BLOCK = {**IN_BLOCK, "ffn_norm": "post_attention_layernorm"}  # Gemma 1 has one norm before the MLP
+GEMMA3_27B_BLOCKS = 62  # llama.cpp scales attention by hidden_size // heads on this size alone, as HF's config does
 
 
 class GGUFError(ValueError):
@@ -116,6 +124,7 @@ def write_converted(path: Path, out: Path) -> None:
     config = read_config(fields)
     weights = read_weights(reader, config["model_type"])
     config["vocab_size"] = int(weights["model.embed_tokens.weight"].shape[0])
+    config["tie_word_embeddings"] = "lm_head.weight" not in weights  # llama.cpp: output.weight if present
     save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     write_tokenizer(reader, out)
@@ -151,11 +160,29 @@ def read_config(fields: dict[str, Any]) -> dict[str, Any]:
         "rope_theta": float(get("rope.freq_base", 10000.0)),
         "max_position_embeddings": int(get("context_length", 8192)), "torch_dtype": "float32",
     }
-    if arch == "gemma3":  # what llama.cpp assumes for Gemma 3 where the file says nothing
-        config.update(rope_local_base_freq=10000.0, sliding_window=int(get("attention.sliding_window", 512)),
-                      sliding_window_pattern=6, query_pre_attn_scalar=int(head_dim),
-                      final_logit_softcapping=get("final_logit_softcapping"))
+    if arch == "gemma3":
+        config.update(_gemma3_settings(get, config))
     return config
+
+
+def _gemma3_settings(get: Callable[..., Any], config: dict[str, Any]) -> dict[str, Any]:
+    """Gemma 3's settings as llama.cpp reads them, with its defaults where the file says nothing."""
+    blocks, heads = config["num_hidden_layers"], config["num_attention_heads"]
+    scalar = config["hidden_size"] // heads if blocks == GEMMA3_27B_BLOCKS else config["head_dim"]
+    settings = {"rope_local_base_freq": float(get("rope.freq_base_swa", 10000.0)),
+                "sliding_window": int(get("attention.sliding_window", 512)), "sliding_window_pattern": 6,
+                "query_pre_attn_scalar": int(scalar), "final_logit_softcapping": get("final_logit_softcapping")}
+    scaling = _rope_scaling(get("rope.scaling.type"), get("rope.scaling.factor"))
+    return settings | ({"rope_scaling": scaling} if scaling else {})
+
+
+def _rope_scaling(kind: Any, factor: Any) -> dict[str, Any] | None:
+    """gemma3.rope.scaling.* as a Hugging Face rope_scaling entry (linear x8 on the 4B, 12B and 27B)."""
+    if kind in (None, "none") or (kind == "linear" and float(factor or 1.0) == 1.0):
+        return None
+    if kind != "linear":
+        raise GGUFError(f"gemma3.rope.scaling.type {kind!r} is not supported: Gemma 3 uses none or linear")
+    return {"rope_type": "linear", "factor": float(factor)}
 
 
 def hf_name(name: str, model_type: str) -> str | None:
