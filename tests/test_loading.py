@@ -332,3 +332,86 @@ def test_quantizing_an_already_quantized_checkpoint_is_refused(tiny_dir, tmp_pat
             "this checkpoint is already quantized (4-bit, by mlx-lm): drop --quantize 8 (quantize=), "
             "or start from the unquantized checkpoint")):
         load_model(path, quantize=8)
+
+
+def shard(model_dir, tmp_path, keep=None):
+    """The tiny model split over two indexed shards (as the Hub stores big models); only `keep` of them left."""
+    from safetensors.numpy import load_file, save_file
+
+    target = copy_model(model_dir, tmp_path, ["model.safetensors"])
+    weights = load_file(model_dir / "model.safetensors")
+    names = [f"model-0000{i}-of-00002.safetensors" for i in (1, 2)]
+    halves = {name: {} for name in names}
+    for i, key in enumerate(sorted(weights)):
+        halves[names[i % 2]][key] = weights[key]
+    for name in names if keep is None else keep:
+        save_file(halves[name], str(target / name), metadata={"format": "pt"})
+    weight_map = {key: name for name, half in halves.items() for key in half}
+    (target / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return target
+
+
+def test_a_sharded_checkpoint_loads_only_its_indexed_files(tiny_dir, tmp_path):
+    target = shard(tiny_dir, tmp_path)
+    mx.save_safetensors(str(target / "adapter.safetensors"), {"stray.weight": mx.zeros((2,))})  # not in the index
+    reference = mlx_gemma.load(tiny_dir).logits([2, 5, 9])
+    assert (mlx_gemma.load(target).logits([2, 5, 9]) == reference).all()
+
+
+def test_a_missing_shard_is_named(tiny_dir, tmp_path):
+    target = shard(tiny_dir, tmp_path, keep=["model-00001-of-00002.safetensors"])
+    with pytest.raises(ModelLoadError, match=re.escape(
+            f"{target} lacks model-00002-of-00002.safetensors, which model.safetensors.index.json lists "
+            "(an interrupted download?): download the missing files again")):
+        mlx_gemma.load(target)
+
+
+def test_a_hub_snapshot_missing_a_shard_is_not_complete(monkeypatch, tiny_dir, tmp_path):
+    target = shard(tiny_dir, tmp_path, keep=["model-00001-of-00002.safetensors"])
+    assert loading._snapshot_lacks(target) == ["model-00002-of-00002.safetensors"]
+    calls = []
+    def fake_snapshot_download(repo_id, **kwargs):  # offline: the partial snapshot, both times
+        calls.append(kwargs)
+        return str(target)
+    monkeypatch.setattr("huggingface_hub.snapshot_download", fake_snapshot_download)
+    with pytest.raises(ModelLoadError, match=re.escape(
+            f"the cached snapshot of google/gemma-2b-it at {target} has no model-00002-of-00002.safetensors")):
+        loading.resolve_model_dir("google/gemma-2b-it")
+    assert len(calls) == 2 and "*.safetensors.index.json" in calls[1]["allow_patterns"]
+
+
+def test_an_old_partial_sharded_snapshot_without_its_index_is_not_complete(tiny_dir, tmp_path):
+    """Snapshots fetched before the index was asked for: a shard named `-of-` says an index belongs."""
+    target = shard(tiny_dir, tmp_path, keep=["model-00001-of-00002.safetensors"])
+    (target / "model.safetensors.index.json").unlink()
+    assert loading._snapshot_lacks(target) == ["model.safetensors.index.json"]
+
+
+@pytest.mark.parametrize("method", ["bitsandbytes", "gptq", "awq", "fp8"])
+def test_foreign_quantized_checkpoints_are_refused(tiny_dir, tmp_path, method):
+    target = rewrite_config(tiny_dir, tmp_path, {"quantization_config": {"quant_method": method, "bits": 4}})
+    with pytest.raises(ModelLoadError, match=re.escape(
+            f"{target / 'config.json'} describes weights quantized with quant_method {method!r}, which mlx-gemma "
+            "cannot read: use the unquantized checkpoint (quantize= or --quantize 4 or 8 quantizes it at load) "
+            "or one quantized for MLX by mlx-lm (mlx_lm.convert -q)")):
+        mlx_gemma.load(target)
+
+
+def test_an_embedding_model_is_refused(tiny_dir, tmp_path):
+    target = rewrite_config(tiny_dir, tmp_path, {"use_bidirectional_attention": True})
+    with pytest.raises(ModelLoadError, match=re.escape(
+            f"{target / 'config.json'} has use_bidirectional_attention=true: this is an embedding model "
+            "(such as EmbeddingGemma), not a text generator")):
+        mlx_gemma.load(target)
+
+
+@pytest.mark.parametrize("cut", [0.5, 0.001])
+def test_a_truncated_safetensors_file_is_named(tiny_dir, tmp_path, cut):
+    target = copy_model(tiny_dir, tmp_path)
+    data = (target / "model.safetensors").read_bytes()
+    (target / "model.safetensors").write_bytes(data[:max(1, int(len(data) * cut))])
+    with pytest.raises(ModelLoadError, match=re.escape(
+            f"cannot read {target / 'model.safetensors'} (")) as err:
+        mlx_gemma.load(target)
+    assert str(err.value).endswith("): the file is truncated or corrupt (an interrupted download?): "
+                                   "download it again")
