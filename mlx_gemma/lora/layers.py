@@ -192,18 +192,26 @@ def linear_dims(model: nn.Module) -> dict[str, tuple[int, int]]:
     return dims
 
 
-def _weight_dtype(module: nn.Module) -> mx.Dtype:
-    return module.scales.dtype if isinstance(module, nn.QuantizedLinear) else module.weight.dtype
+def _weight_dtype(module: nn.Module, activations: mx.Dtype) -> mx.Dtype:
+    """The dtype a layer's adapter computes in: its weight's, or with a quantized weight its scales'
+    (affine), or the activations' where the scales are not floating point (mxfp4, nvfp4, mxfp8)."""
+    dtype = module.scales.dtype if isinstance(module, nn.QuantizedLinear) else module.weight.dtype
+    return dtype if mx.issubdtype(dtype, mx.floating) else activations
+
+
+def _activation_dtype(model: nn.Module) -> mx.Dtype:
+    """The dtype the model computes in: that of its final norm's weight (never quantized)."""
+    return model.model.norm.weight.dtype
 
 
 def install(model: nn.Module, adapter: Adapter, slot: int) -> None:
-    context = context_of(model)
+    context, activations = context_of(model), _activation_dtype(model)
     for path, weights in adapter.modules.items():
         parent, key, module = _resolve(model, path)
         if not isinstance(module, LoRALinear):
             module = LoRALinear(module, context)
             _replace(parent, key, module)
-        module.add(slot, weights, _weight_dtype(module.base))
+        module.add(slot, weights, _weight_dtype(module.base, activations))
 
 
 def _lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
