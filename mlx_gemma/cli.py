@@ -344,9 +344,10 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 def cmd_fuse(args: argparse.Namespace) -> None:
     import mlx_gemma
-    from .loading import save_checkpoint
+    from .loading import check_checkpoint_target, save_checkpoint
 
     check_dir_flag("--out", Path(args.out))
+    check_checkpoint_target(args.out)  # before the model loads: a full --out fails at once
     resolve_model(args)
     name = adapter_name(args.adapter)
     runtime = mlx_gemma.load(args.model, adapters={name: args.adapter}, dtype=args.dtype,

@@ -423,12 +423,43 @@ def _dense_weights(model: nn.Module) -> dict[str, mx.array]:
     return weights
 
 
+def check_checkpoint_target(out_dir: str | Path) -> Path:
+    """The directory a checkpoint will be written to: new or empty, so no file of another one stays
+    beside the new weights (a loader would read an old index or shard)."""
+    out = Path(out_dir).expanduser()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"{out} already exists and is not empty: a checkpoint is written whole into a new or "
+                         "empty directory; pass another path (or remove that one)")
+    return out
+
+
 def save_checkpoint(loaded: LoadedModel, model: nn.Module, out_dir: str | Path) -> Path:
-    """Write a plain Hugging Face checkpoint (dense weights in the model's dtype) with the tokenizer."""
+    """Write a plain Hugging Face checkpoint (dense weights in the model's dtype) with the tokenizer into
+    a new or empty directory. The files are written beside it and moved into place at the end, so a
+    failure leaves no half-written checkpoint."""
+    import shutil
+    import tempfile
+
+    out = check_checkpoint_target(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    except OSError as exc:  # name the directory asked for, not the scratch one beside it
+        raise OSError(exc.errno, exc.strerror, str(out)) from None
+    try:
+        _write_checkpoint(loaded, model, staging)
+        if out.exists():
+            out.rmdir()  # empty, checked above
+        staging.rename(out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out
+
+
+def _write_checkpoint(loaded: LoadedModel, model: nn.Module, out: Path) -> None:
     import shutil
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     weights = {k: v.astype(DTYPES[loaded.dtype]) for k, v in _dense_weights(model).items()}
     mx.save_safetensors(str(out / "model.safetensors"), weights, metadata={"format": "pt"})
     config = {k: v for k, v in loaded.config.items() if k not in ("quantization", "quantization_config")}
@@ -436,4 +467,3 @@ def save_checkpoint(loaded: LoadedModel, model: nn.Module, out_dir: str | Path) 
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
         if (loaded.path / name).exists():
             shutil.copy(loaded.path / name, out / name)
-    return out

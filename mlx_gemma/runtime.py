@@ -221,6 +221,9 @@ class Runtime:
         """Merge an adapter into the base weights for zero overhead; it then serves every request."""
         if self.registry.names():
             raise ValueError("fuse before adding resident adapters: they were validated against the unfused base")
+        if self.fused:
+            raise ValueError(f"{self.fused['name']!r} is already fused into these weights: one adapter is fused per "
+                             "load; load the model again to fuse another (or serve both unfused with add_adapter)")
         adapter = self.engine.run(lambda: self.registry.read(name, path))
         dequantized = self.engine.run(lambda: self._fuse(adapter))
         self.fused = {**adapter.describe(), "dequantized_layers": dequantized,
