@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -88,6 +89,23 @@ def test_fuse_writes_a_plain_checkpoint(tiny_dir, tmp_path):
     np.testing.assert_allclose(fused.logits(reference["ids_0"].tolist()), reference["logits_0"], atol=1e-4)
 
 
+def test_fuse_refuses_a_directory_that_holds_files_and_leaves_it_as_it_was(tiny_dir, tmp_path):
+    """Old shards or an index beside the new weights would be what a loader reads."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "model.safetensors.index.json").write_text("{}")
+    done = cli("fuse", "--model", str(tiny_dir), "--adapter", ADAPTER, "--out", str(out))
+    assert done.returncode == 2 and done.stderr == (
+        f"mlx-gemma: error: {out} already exists and is not empty: a checkpoint is written whole into a new or "
+        "empty directory; pass another path (or remove that one)\n")
+    assert [p.name for p in out.iterdir()] == ["model.safetensors.index.json"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert cli("fuse", "--model", str(tiny_dir), "--adapter", ADAPTER, "--out", str(empty)).returncode == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "out"]  # nothing left beside them
+    assert (empty / "model.safetensors").is_file()
+
+
 def test_bad_adapter_exits_non_zero(tiny_dir, tmp_path):
     done = cli("generate", "--model", str(tiny_dir), "--prompt", "x", "--adapter", str(tmp_path))
     assert done.returncode == 2 and "refused: " in done.stderr and "no adapter_config.json" in done.stderr
@@ -125,12 +143,25 @@ def test_finetune_create_refuses_a_bad_folder_and_keeps_nothing(tmp_path):
     refused = cli("finetune", "create", "@cf/google/gemma-2b-it-lora", "x", str(folder), *store)
     assert refused.returncode == 2 and "DoRA" in refused.stderr
     assert cli("finetune", "list", *store).stdout == "no fine-tunes\n"
+    _check_refused_alone(folder, store)
     other = cli("finetune", "create", "@cf/meta/llama-3-8b-instruct", "x", str(ROOT / ADAPTER),
                 *store)
     assert other.returncode == 2 and other.stderr == (
         "mlx-gemma: error: model '@cf/meta/llama-3-8b-instruct' is not served here: fine-tunes are for "
         "@cf/google/gemma-2b-it-lora or @cf/google/gemma-7b-it-lora (the route's name, as the server and "
         "Workers AI take it)\n")
+    assert cli("finetune", "list", *store).stdout == "no fine-tunes\n"
+
+
+def _check_refused_alone(folder: Path, store: list[str]) -> None:
+    """With no base model loaded, what the files alone show: another model family, a rank the weights lack."""
+    shutil.copy(ROOT / ADAPTER / "adapter_model.safetensors", folder / "adapter_model.safetensors")
+    config = json.loads((ROOT / ADAPTER / "adapter_config.json").read_text())
+    for changes, message in (({"model_type": "llama"}, "model_type 'llama' is not a Gemma model"),
+                             ({"r": 4}, "lora_A has rank 8 where adapter_config.json says r=4")):
+        (folder / "adapter_config.json").write_text(json.dumps({**config, **changes}))
+        refused = cli("finetune", "create", "@cf/google/gemma-2b-it-lora", "x", str(folder), *store)
+        assert refused.returncode == 2 and message in refused.stderr, refused.stderr
     assert cli("finetune", "list", *store).stdout == "no fine-tunes\n"
 
 

@@ -205,6 +205,12 @@ def drop_config(path: Path) -> Path:
     return path
 
 
+def two_adapter_names(tensors):
+    """Each lora_B twice, as a second adapter name ("other") beside PEFT's "default"."""
+    return {**tensors, **{k.replace("lora_B.weight", "lora_B.other.weight"): v for k, v in tensors.items()
+                          if "lora_B" in k}}
+
+
 REFUSALS = {
     "dora": (lambda p: edit_config(p, use_dora=True), "DoRA adapters are not served"),
     "modules_to_save": (lambda p: edit_config(p, modules_to_save=["lm_head"]), "modules_to_save ['lm_head'] is refused"),
@@ -217,6 +223,9 @@ REFUSALS = {
     "rank": (lambda p: p, "rank 8 is over the limit of 4"),
     "corrupt": (corrupt_weights, "not a valid safetensors file"),
     "no_config": (drop_config, "no adapter_config.json"),
+    "lora_ga": (lambda p: edit_config(p, init_lora_weights="lora_ga"), "init_lora_weights 'lora_ga' is refused"),
+    "two_names": (lambda p: edit_tensors(p, two_adapter_names), "are both lora_B of model.layers.0.self_attn.q_proj: "
+                                                                 "save one adapter per directory"),
 }
 
 
@@ -363,3 +372,52 @@ def test_fuse_into_an_mxfp4_base_dequantizes_with_its_mode(tiny_dir):
     expected = dense + (weights.a @ weights.b).T
     fused = loaded.model.model.layers[0].self_attn.q_proj.weight  # in the dequantized dtype, bfloat16
     assert mx.allclose(fused.astype(mx.float32), expected, atol=4e-3).item()
+
+
+def test_a_resident_adapter_on_an_mxfp4_base_computes_in_the_activations_dtype(tiny_dir):
+    """mxfp4 scales are uint8: the adapter must not be cast to them (it would round to zero)."""
+    import mlx.nn as nn
+    from mlx_gemma.loading import load_model
+    from mlx_gemma.lora import adapters, layers
+    loaded = load_model(tiny_dir)
+    nn.quantize(loaded.model, group_size=32, bits=4, mode="mxfp4",
+                class_predicate=lambda path, module: isinstance(module, nn.Linear) and "proj" in path)
+    adapter = adapters.read_adapter(ADAPTERS / "all7_r8", adapters.BaseInfo("gemma", layers.linear_dims(loaded.model)))
+    ids = mx.array([[2, 415, 515, 379]])
+    layers.set_rows(loaded.model, [0])
+    base = loaded.model(ids)
+    layers.install(loaded.model, adapter, 1)
+    layers.set_rows(loaded.model, [1])
+    unfused = loaded.model(ids)
+    q_proj = loaded.model.model.layers[0].self_attn.q_proj
+    assert q_proj._adapters[1].a.dtype == mx.float32  # the model's dtype, not the scales' uint8
+    layers.set_rows(loaded.model, [0])
+    layers.uninstall(loaded.model, 1)
+    layers.fuse(loaded.model, adapter)
+    fused = loaded.model(ids)
+    effect = mx.abs(unfused - base).max().item()
+    assert effect > 1.0
+    assert mx.abs(unfused - fused).max().item() < 0.05 * effect  # fused weights are rounded to bfloat16
+
+
+def test_a_second_fuse_is_refused_instead_of_adding_its_delta_on_top(tiny_dir):
+    runtime = mlx_gemma.load(tiny_dir, adapters={"a": str(ADAPTERS / "all7_r8")}, fuse="a")
+    ids, expected = reference("all7_r8")[0]
+    with pytest.raises(ValueError, match="'a' is already fused into these weights: one adapter is fused per load"):
+        runtime.fuse_adapter("b", str(ADAPTERS / "second_all7_r8"))
+    np.testing.assert_allclose(runtime.logits(ids), expected, atol=1e-4)
+
+
+def test_an_adapter_for_another_model_is_summarised(tiny_dir, tmp_path):
+    """An adapter for a wider model (one more input column everywhere): every module mismatches; a few
+    are said."""
+    from mlx_gemma.lora.adapters import MAX_PROBLEMS_SHOWN
+    wider = edit_tensors(copy_adapter(tmp_path), lambda tensors: {
+        k: np.pad(v, ((0, 0), (0, 1))) if "lora_A" in k else v for k, v in tensors.items()})
+    runtime = mlx_gemma.load(tiny_dir)
+    with pytest.raises(AdapterError) as err:
+        runtime.add_adapter("other", str(wider))
+    assert len(err.value.problems) > MAX_PROBLEMS_SHOWN
+    shown = str(err.value).split(" refused: ")[1].split("; ")
+    assert len(shown) == MAX_PROBLEMS_SHOWN + 1
+    assert shown[-1] == f"and {len(err.value.problems) - MAX_PROBLEMS_SHOWN} more like these"

@@ -15,9 +15,9 @@ path ("model.layers.3.self_attn.q_proj") to `LoRAWeights(a, b)` with `a` (in, r)
   with `...q_proj.lora_a` (in, r) and `lora_b` (r, out); scale as stored.
 Refused, each with its reason: PEFT features that change the math beyond `W x + s B A x`
 (DoRA, `modules_to_save`, `bias` other than "none", aLoRA, layer replication and the other
-fields of `_REFUSED_PEFT_FIELDS`; PiSSA, CorDA, OLoRA and LoftQ initialisations, which change
-the base weights), config values of the wrong type or range (named, before any weight is read),
-an mlx-lm config without `lora_parameters.scale` (as mlx-lm itself), other PEFT types, pickled
+fields of `_REFUSED_PEFT_FIELDS`; PiSSA, CorDA, OLoRA, LoftQ and LoRA-GA initialisations,
+which change the base weights), config values of the wrong type or range (named, before any
+weight is read), two adapter names' tensors for one layer, an mlx-lm config without `lora_parameters.scale` (as mlx-lm itself), other PEFT types, pickled
 `.bin` weights, unknown modules, mismatched shapes, rank over the limit (default 32), files over
 the size limit (default 300 MB), non-finite weights, an adapter `model_type` of another family
 than the base.
@@ -27,6 +27,9 @@ upload may bring one file at a time): each present file is checked alone first, 
 against the base's family and the safetensors header parsed without loading a tensor (dtypes
 F16/BF16/F32, 2-D LoRA A/B weights whose declared shapes match their bytes, offsets tiling the
 data exactly); then, with both files and a base, `read_adapter` loads and checks the weights.
+Without a base, a config's model_type must be a Gemma family, and with both files each tensor's
+rank must be the config's `r` (or its `rank_pattern` entry). An error shows its first
+MAX_PROBLEMS_SHOWN problems (`problems` holds them all).
 """
 
 from __future__ import annotations
@@ -57,7 +60,17 @@ class AdapterError(ValueError):
 
     def __init__(self, path: str | Path, problems: list[str]):
         self.problems = list(dict.fromkeys(problems))  # each once, in order: a limit may be hit by every module
-        super().__init__(f"adapter {str(path)!r} refused: " + "; ".join(self.problems))
+        super().__init__(f"adapter {str(path)!r} refused: {self.summary}")
+
+    @property
+    def summary(self) -> str:
+        """The problems joined, the first MAX_PROBLEMS_SHOWN of them: an adapter for another model fails
+        every module alike."""
+        more = len(self.problems) - MAX_PROBLEMS_SHOWN
+        return "; ".join(self.problems[:MAX_PROBLEMS_SHOWN]) + (f"; and {more} more like these" if more > 0 else "")
+
+
+MAX_PROBLEMS_SHOWN = 8
 
 
 SHAPE_MISMATCH = "do not fit the base layer"  # the weights' shapes against the config's rank and the base
@@ -147,10 +160,29 @@ def check_adapter_files(path: str | Path, base: BaseInfo | None = None,
         _check_config_alone(config_file, base, problems)
     if weights_file.is_file() and _within_limit(weights_file, limits, problems):
         _check_safetensors_header(weights_file, problems)
+    if not problems and base is None and config_file.is_file() and weights_file.is_file():
+        _check_ranks_in_header(config_file, weights_file, problems)
     if problems:
         raise AdapterError(path, problems)
     if base is not None and config_file.is_file() and weights_file.is_file():
         read_adapter(path, base, limits=limits)
+
+
+def _check_ranks_in_header(config_file: Path, weights_file: Path, problems: list[str]) -> None:
+    """Without a base, each tensor's rank side (lora_A rows, lora_B columns) against the config's r
+    and rank_pattern, from the header alone."""
+    config, parsed = _read_config(config_file, problems), _read_safetensors_header(weights_file, problems)
+    if config is None or parsed is None:
+        return
+    for key, info in parsed[0].items():
+        module, side = _split_peft_key(key) or ("", "")
+        if not module or not isinstance(info, dict):
+            continue
+        rank = _pattern_value(config.get("rank_pattern"), module, config.get("r", 8))
+        found = info["shape"][0 if side == "A" else 1]
+        if found != rank:
+            problems.append(f"{module}: lora_{side} has rank {found} where {CONFIG} says r={rank}: "
+                            f"{SHAPE_MISMATCH}; upload the config saved with these weights")
 
 
 def _within_limit(file: Path, limits: AdapterLimits, problems: list[str]) -> bool:
@@ -163,8 +195,12 @@ def _within_limit(file: Path, limits: AdapterLimits, problems: list[str]) -> boo
 def _check_config_alone(file: Path, base: BaseInfo | None, problems: list[str]) -> None:
     config = _read_config(file, problems)
     if config is not None:
-        # Without a base, the config's own family: the model_type check then cannot fail.
-        family = base.family if base is not None else FAMILIES.get(config.get("model_type"))
+        # Without a base, the config's own family, which must be a Gemma one.
+        model_type = config.get("model_type")
+        if base is None and model_type is not None and model_type not in FAMILIES:
+            problems.append(f"model_type {model_type!r} is not a Gemma model: adapters trained on "
+                            f"{', '.join(sorted(FAMILIES))} are served")
+        family = base.family if base is not None else FAMILIES.get(model_type)
         _check_config(config, "peft", family, problems)
 
 
@@ -303,7 +339,7 @@ _REFUSED_PEFT_FIELDS = {
     "monteclora_config": "MonteCLoRA adapters are not served",
 }
 # init_lora_weights values with which PEFT changes the base weights, so W + s B A is not the trained model.
-_BASE_CHANGING_INITS = ("pissa", "corda", "olora", "loftq")
+_BASE_CHANGING_INITS = ("pissa", "corda", "olora", "loftq", "lora_ga")
 
 
 def _check_config(config: dict, fmt: str, family: str, problems: list[str]) -> None:
@@ -458,11 +494,17 @@ def _split_peft_key(key: str) -> tuple[str, str] | None:
 
 def _pair_tensors(tensors: dict[str, mx.array], split: Any, problems: list[str]) -> dict[str, dict[str, mx.array]]:
     pairs: dict[str, dict[str, mx.array]] = {}
+    keys: dict[tuple[str, str], str] = {}
     for key, value in tensors.items():
         parts = split(key)
         if parts is None:
             problems.append(f"tensor {key!r} is not a LoRA A/B weight")
             continue
+        if parts in keys:  # two adapter names (lora_B.default and lora_B.other) for one layer
+            problems.append(f"tensors {keys[parts]!r} and {key!r} are both lora_{parts[1]} of {parts[0]}: "
+                            "save one adapter per directory")
+            continue
+        keys[parts] = key
         pairs.setdefault(parts[0], {})[parts[1]] = value
     return pairs
 

@@ -414,7 +414,7 @@ class FinetuneStore:
         try:
             self._validate_staged({file_name: upload, **others})
         except AdapterError as exc:
-            refused = f"{file_name} for fine-tune {finetune.name!r} refused: " + "; ".join(exc.problems)
+            refused = f"{file_name} for fine-tune {finetune.name!r} refused: {exc.summary}"
             mismatched = any(SHAPE_MISMATCH in problem for problem in exc.problems)  # config r vs weights
             if others and mismatched and self._valid_alone(file_name, upload):
                 raise AssetError(f"{refused}. The file is valid alone but does not match the fine-tune's "
