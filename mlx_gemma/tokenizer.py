@@ -9,7 +9,7 @@ Contract:
 - `stop_ids` holds <eos>, <end_of_turn> and any eos id of generation_config.json.
 - `StreamingDetokenizer` turns ids into text pieces whose concatenation equals
   `decode(all ids)`: it never emits a split UTF-8 character (byte-fallback tokens are held until
-  the character completes, never more than 3) and keeps each piece's leading space. Tokens whose
+  the character completes) and keeps each piece's leading space. Tokens whose
   own text holds U+FFFD (Gemma's vocabulary has some) are emitted at once. One exception: where
   byte-fallback tokens do not form valid UTF-8 (a character cut off, a stray continuation byte),
   the pieces keep every complete character and read each bad sequence as U+FFFD, as Python's
@@ -104,39 +104,24 @@ def _generation_eos_ids(path: Path) -> list[int]:
 class StreamingDetokenizer:
     """Feed ids one at a time with `add`; each call returns the text that became final.
 
-    It decodes the ids held since the last piece it returned: one token, or the byte-fallback
-    tokens of a character still incomplete. Ids are held only while they end in byte-fallback
-    tokens whose bytes stop part way through a UTF-8 character. Decoding no more than that also
-    keeps characters that completed before a cut-off one: the tokenizer's decode turns a whole
-    run of byte tokens into U+FFFD when the run ends part way through a character.
+    Byte-fallback tokens go through one incremental UTF-8 decoder (errors="replace"), which keeps
+    back only the bytes of a character not finished yet; any other token first ends a pending
+    character (one U+FFFD if cut off) and then adds its own text. Constant work per token.
     """
 
     def __init__(self, tokenizer: GemmaTokenizer):
         self._tokenizer = tokenizer
-        self._held: list[int] = []
+        self._bytes = codecs.getincrementaldecoder("utf-8")("replace")
 
     def add(self, token_id: int) -> str:
-        self._held.append(token_id)
-        if self._ends_mid_character():
-            return ""  # wait for the character's next bytes
-        return self.flush()
-
-    def _ends_mid_character(self) -> bool:
-        byte_values = self._tokenizer.byte_values
-        if self._held[-1] not in byte_values:
-            return False
-        decoder = codecs.getincrementaldecoder("utf-8")("replace")
-        decoder.decode(bytes(byte_values[i] for i in self._held))  # held ids before the last are all bytes
-        return bool(decoder.getstate()[0])  # bytes kept back: a character not finished yet
+        byte = self._tokenizer.byte_values.get(token_id)
+        if byte is not None:
+            return self._bytes.decode(bytes((byte,)))
+        return self.flush() + self._tokenizer.decode([token_id])
 
     def flush(self) -> str:
-        """Return whatever is held back: byte-fallback tokens (at most one other token after them), their
-        bytes read as Python's `bytes.decode("utf-8", "replace")` reads them (an incomplete character at
-        the end is one U+FFFD; the tokenizer's decode gives one per byte, and blanks valid ones beside it)."""
-        held, self._held = self._held, []
-        byte_values = self._tokenizer.byte_values
-        run = 0
-        while run < len(held) and held[run] in byte_values:
-            run += 1
-        head = bytes(byte_values[token_id] for token_id in held[:run])
-        return head.decode("utf-8", "replace") + self._tokenizer.decode(held[run:])
+        """Return whatever is held back: an incomplete character at the end reads as one U+FFFD, as
+        Python's `bytes.decode("utf-8", "replace")` reads it (the tokenizer gives one per byte)."""
+        text = self._bytes.decode(b"", final=True)
+        self._bytes.reset()
+        return text

@@ -119,3 +119,15 @@ def test_a_cut_character_followed_by_a_byte_token_is_one_replacement_then_the_by
     ids = [byte_ids[0xE6], byte_ids[0x97], byte_ids[0x41]]  # 日 cut after 2 bytes, then "A" as a byte
     detok = tok.detokenizer()
     assert [detok.add(i) for i in ids] + [detok.flush()] == ["", "", "\ufffdA", ""]
+
+
+def test_a_long_run_of_cut_characters_streams_as_it_goes(tok):
+    """Lead bytes cut off again and again: each cut character comes out as soon as the next byte
+    shows it is cut, as Python's decode with errors="replace" reads the bytes; nothing piles up."""
+    byte_ids = {value: token_id for token_id, value in tok.byte_values.items()}
+    run = [0xE6, 0x97] * 200 + [0xE6]
+    detok = tok.detokenizer()
+    pieces = [detok.add(byte_ids[b]) for b in run]
+    assert pieces[:4] == ["", "", "\ufffd", ""]
+    assert sum(1 for piece in pieces if piece) == 200
+    assert "".join(pieces) + detok.flush() == bytes(run).decode("utf-8", "replace")
