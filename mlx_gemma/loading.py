@@ -147,7 +147,7 @@ def _download(repo_id: str) -> Path:
 
     try:
         cached = Path(snapshot_download(repo_id, allow_patterns=MODEL_FILES, local_files_only=True))
-        if not _snapshot_lacks(cached):
+        if not _snapshot_lacks(cached, shards_need_index=True):
             return cached
     except Exception:
         pass  # not cached: download it
@@ -162,12 +162,14 @@ def _download(repo_id: str) -> Path:
     return path
 
 
-def _snapshot_lacks(path: Path) -> list[str]:
-    """What a cached snapshot still needs: the SNAPSHOT_NEEDS patterns, then every shard its index lists."""
+def _snapshot_lacks(path: Path, shards_need_index: bool = False) -> list[str]:
+    """What a snapshot still needs: the SNAPSHOT_NEEDS patterns, then every shard its index lists.
+    With `shards_need_index` (the cache, before any download), shards without an index need it: they
+    may be a download from before the index was fetched; a repo that has none loads every shard."""
     lacking = [pattern for pattern in SNAPSHOT_NEEDS if not any(path.glob(pattern))]
     indexed = _indexed_files(path)
-    if indexed is None:  # shards from before the index was fetched: the index is needed to know them all
-        return lacking + ([INDEX] if any(path.glob(SHARD_NAME)) else [])
+    if indexed is None:
+        return lacking + ([INDEX] if shards_need_index and any(path.glob(SHARD_NAME)) else [])
     return lacking + [name for name in indexed if not (path / name).is_file()]
 
 
@@ -435,24 +437,24 @@ def check_checkpoint_target(out_dir: str | Path) -> Path:
 
 def save_checkpoint(loaded: LoadedModel, model: nn.Module, out_dir: str | Path) -> Path:
     """Write a plain Hugging Face checkpoint (dense weights in the model's dtype) with the tokenizer into
-    a new or empty directory. The files are written beside it and moved into place at the end, so a
-    failure leaves no half-written checkpoint."""
+    a new or empty directory. The files are written into a scratch directory inside it and moved up
+    at the end, so a failure leaves no half-written checkpoint (and a directory it made is removed)."""
     import shutil
     import tempfile
 
     out = check_checkpoint_target(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    except OSError as exc:  # name the directory asked for, not the scratch one beside it
-        raise OSError(exc.errno, exc.strerror, str(out)) from None
+    made = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".writing-", dir=out))
     try:
         _write_checkpoint(loaded, model, staging)
-        if out.exists():
-            out.rmdir()  # empty, checked above
-        staging.rename(out)
+        for file in sorted(staging.iterdir()):
+            os.replace(file, out / file.name)
+        staging.rmdir()
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        if made:
+            shutil.rmtree(out, ignore_errors=True)
         raise
     return out
 

@@ -384,7 +384,18 @@ def test_an_old_partial_sharded_snapshot_without_its_index_is_not_complete(tiny_
     """Snapshots fetched before the index was asked for: a shard named `-of-` says an index belongs."""
     target = shard(tiny_dir, tmp_path, keep=["model-00001-of-00002.safetensors"])
     (target / "model.safetensors.index.json").unlink()
-    assert loading._snapshot_lacks(target) == ["model.safetensors.index.json"]
+    assert loading._snapshot_lacks(target, shards_need_index=True) == ["model.safetensors.index.json"]
+
+
+def test_a_sharded_repo_without_an_index_is_complete_once_downloaded(monkeypatch, tiny_dir, tmp_path):
+    """The index is asked of the cache only: after a download, a repo that has none loads every shard."""
+    target = shard(tiny_dir, tmp_path)
+    (target / "model.safetensors.index.json").unlink()
+    calls = []
+    monkeypatch.setattr("huggingface_hub.snapshot_download", lambda repo_id, **kwargs: calls.append(kwargs) or
+                        str(target))
+    assert loading.resolve_model_dir("google/gemma-2b-it") == target
+    assert [c.get("local_files_only", False) for c in calls] == [True, False]
 
 
 @pytest.mark.parametrize("method", ["bitsandbytes", "gptq", "awq", "fp8"])
