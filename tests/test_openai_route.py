@@ -224,11 +224,11 @@ def test_a_fused_adapter_is_listed_and_retrieved(tiny_dir: Path, tmp_path: Path)
     (CHAT, {"messages": HELLO, "min_p": 0.5}, bad("min_p=0.5 is not supported by this server: leave it out (or send 0)",
                                                   "min_p")),
     (CHAT, {"messages": HELLO, "ignore_eos": True},
-     bad("ignore_eos=True is not supported by this server: leave it out (or send False)", "ignore_eos")),
+     bad("ignore_eos=True is not supported by this server: leave it out (or send false)", "ignore_eos")),
     ("/v1/completions", {"prompt": "Hi", "stop_token_ids": [5]},
      bad("stop_token_ids=[5] is not supported by this server: leave it out (or send [])", "stop_token_ids")),
     (CHAT, {"messages": HELLO, "guided_choice": ["a", "b"]},
-     bad("guided_choice=['a', 'b'] is not supported by this server: leave it out (or send None)", "guided_choice")),
+     bad("guided_choice=['a', 'b'] is not supported by this server: leave it out (or send null)", "guided_choice")),
     (CHAT, {"messages": HELLO, "continue_final_message": True, "add_generation_prompt": False},
      bad("continue_final_message=True needs the last message to be the assistant's (it is 'user'): end messages "
          "with the assistant text to continue", "messages")),

@@ -18,7 +18,8 @@ messages; a message's text parts are joined with newlines. echo, suffix, logprob
 other than 1, a response_format other than text, and a tool_choice or function_call other than
 "none" or "auto" are refused rather than ignored, and so is stream_options without stream; so are
 vLLM's own fields that are not applied (min_p, min_tokens, ignore_eos, stop_token_ids, guided
-decoding, ...: `VLLM_DEFAULTS`) unless sent with the value that changes nothing. As in vLLM,
+decoding, a chat_template, ...: `VLLM_DEFAULTS`) unless sent with the value that changes nothing;
+chat_template_kwargs is taken and unused, as Gemma's template reads none. As in vLLM,
 chat completions take continue_final_message (the answer continues the last, assistant,
 message) and add_generation_prompt (default true).
 `/v1/completions` tokenizes the prompt as given (no chat template). `stop` strings end
@@ -37,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -60,11 +62,13 @@ NOT_SUPPORTED = {"tools": "tool calling", "functions": "function calling", "logi
                  "echo": "echo (returning the prompt with the completion)", "suffix": "suffix (text after the completion)"}
 # vLLM's own request fields that this server does not apply, with the value that leaves the answer
 # as it is: that value (or null) is accepted, any other is refused rather than silently ignored.
+# chat_template_kwargs is taken and unused: Gemma's template reads none (as in vLLM).
 VLLM_DEFAULTS: dict[str, Any] = {"min_p": 0, "min_tokens": 0, "ignore_eos": False, "stop_token_ids": [],
                                  "include_stop_str_in_output": False, "skip_special_tokens": True,
                                  "use_beam_search": False, "prompt_logprobs": None, "guided_json": None,
                                  "guided_regex": None, "guided_choice": None, "guided_grammar": None,
-                                 "structured_outputs": None}
+                                 "structured_outputs": None, "allowed_token_ids": None, "bad_words": [],
+                                 "truncate_prompt_tokens": None, "chat_template": None}
 NO_TOOL_CHOICES = (None, "none", "auto")  # what tool_choice and function_call may be without tools
 INTEGER_FIELDS = ("max_tokens", "max_completion_tokens", "top_k", "seed")
 SEED_RANGE = 9999999999  # the sampler's seeds, as the Workers AI schema's: 1..SEED_RANGE
@@ -225,7 +229,7 @@ def _refuse_vllm_extras(body: dict[str, Any]) -> None:
     for key, default in VLLM_DEFAULTS.items():
         if body.get(key) not in (None, default):
             raise bad_field(key, f"{key}={body[key]!r:.80} is not supported by this server: leave it out "
-                                 f"(or send {default!r})")
+                                 f"(or send {json.dumps(default)})")
 
 
 def _refuse_tool_choice(body: dict[str, Any]) -> None:
