@@ -19,7 +19,7 @@ an untied `lm_head.weight` (tie_word_embeddings false), as llama.cpp uses it whe
 
 Gemma 3 settings follow llama.cpp: `gemma3.rope.scaling.type`/`.factor` (linear x8 on the 4B,
 12B and 27B) become rope_scaling {"rope_type": "linear", "factor": F}; the local RoPE base is
-`gemma3.rope.freq_base_swa`, else 10000; query_pre_attn_scalar is head_dim, except on the 27B
+10000 (llama.cpp ignores `gemma3.rope.freq_base_swa`); query_pre_attn_scalar is head_dim, except on the 27B
 (62 blocks), where it is hidden_size // head_count (168, as in its Hugging Face config).
 """
 
@@ -169,7 +169,7 @@ def _gemma3_settings(get: Callable[..., Any], config: dict[str, Any]) -> dict[st
     """Gemma 3's settings as llama.cpp reads them, with its defaults where the file says nothing."""
     blocks, heads = config["num_hidden_layers"], config["num_attention_heads"]
     scalar = config["hidden_size"] // heads if blocks == GEMMA3_27B_BLOCKS else config["head_dim"]
-    settings = {"rope_local_base_freq": float(get("rope.freq_base_swa", 10000.0)),
+    settings = {"rope_local_base_freq": 10000.0,  # llama.cpp sets it for Gemma 3 whatever the file says
                 "sliding_window": int(get("attention.sliding_window", 512)), "sliding_window_pattern": 6,
                 "query_pre_attn_scalar": int(scalar), "final_logit_softcapping": get("final_logit_softcapping")}
     scaling = _rope_scaling(get("rope.scaling.type"), get("rope.scaling.factor"))
