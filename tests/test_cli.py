@@ -157,7 +157,7 @@ def _check_refused_alone(folder: Path, store: list[str]) -> None:
     """With no base model loaded, what the files alone show: another model family, a rank the weights lack."""
     shutil.copy(ROOT / ADAPTER / "adapter_model.safetensors", folder / "adapter_model.safetensors")
     config = json.loads((ROOT / ADAPTER / "adapter_config.json").read_text())
-    for changes, message in (({"model_type": "llama"}, "model_type 'llama' is not a Gemma model"),
+    for changes, message in (({"model_type": "llama"}, "model_type 'llama' is not a model family served here"),
                              ({"r": 4}, "lora_A has rank 8 where adapter_config.json says r=4")):
         (folder / "adapter_config.json").write_text(json.dumps({**config, **changes}))
         refused = cli("finetune", "create", "@cf/google/gemma-2b-it-lora", "x", str(folder), *store)

@@ -223,6 +223,8 @@ REFUSALS = {
     "rank": (lambda p: p, "rank 8 is over the limit of 4"),
     "corrupt": (corrupt_weights, "not a valid safetensors file"),
     "no_config": (drop_config, "no adapter_config.json"),
+    "model_type_list": (lambda p: edit_config(p, model_type=["gemma"]), "model_type ['gemma'] is refused: give a "
+                                                                         "string such as 'gemma'"),
     "lora_ga": (lambda p: edit_config(p, init_lora_weights="lora_ga"), "init_lora_weights 'lora_ga' is refused"),
     "two_names": (lambda p: edit_tensors(p, two_adapter_names), "are both lora_B of model.layers.0.self_attn.q_proj: "
                                                                  "save one adapter per directory"),

@@ -27,7 +27,7 @@ upload may bring one file at a time): each present file is checked alone first, 
 against the base's family and the safetensors header parsed without loading a tensor (dtypes
 F16/BF16/F32, 2-D LoRA A/B weights whose declared shapes match their bytes, offsets tiling the
 data exactly); then, with both files and a base, `read_adapter` loads and checks the weights.
-Without a base, a config's model_type must be a Gemma family, and with both files each tensor's
+Without a base, a config's model_type must be a family served here, and with both files each tensor's
 rank must be the config's `r` (or its `rank_pattern` entry). An error shows its first
 MAX_PROBLEMS_SHOWN problems (`problems` holds them all).
 """
@@ -156,28 +156,24 @@ def check_adapter_files(path: str | Path, base: BaseInfo | None = None,
         where = "in the adapter directory" if path.is_dir() else f"at {str(path)!r}: no such directory"
         raise AdapterError(path, [f"neither {CONFIG} nor {PEFT_WEIGHTS} {where}"])
     problems: list[str] = []
+    config = header = None
     if config_file.is_file() and _within_limit(config_file, limits, problems):
-        _check_config_alone(config_file, base, problems)
+        config = _check_config_alone(config_file, base, problems)
     if weights_file.is_file() and _within_limit(weights_file, limits, problems):
-        _check_safetensors_header(weights_file, problems)
-    if not problems and base is None and config_file.is_file() and weights_file.is_file():
-        _check_ranks_in_header(config_file, weights_file, problems)
+        header = _check_safetensors_header(weights_file, problems)
+    if not problems and base is None and config is not None and header is not None:
+        _check_ranks_in_header(config, header, problems)
     if problems:
         raise AdapterError(path, problems)
     if base is not None and config_file.is_file() and weights_file.is_file():
         read_adapter(path, base, limits=limits)
 
 
-def _check_ranks_in_header(config_file: Path, weights_file: Path, problems: list[str]) -> None:
+def _check_ranks_in_header(config: dict, header: dict, problems: list[str]) -> None:
     """Without a base, each tensor's rank side (lora_A rows, lora_B columns) against the config's r
-    and rank_pattern, from the header alone."""
-    config, parsed = _read_config(config_file, problems), _read_safetensors_header(weights_file, problems)
-    if config is None or parsed is None:
-        return
-    for key, info in parsed[0].items():
+    and rank_pattern, from the (valid) header alone."""
+    for key, info in header.items():
         module, side = _split_peft_key(key) or ("", "")
-        if not module or not isinstance(info, dict):
-            continue
         rank = _pattern_value(config.get("rank_pattern"), module, config.get("r", 8))
         found = info["shape"][0 if side == "A" else 1]
         if found != rank:
@@ -192,22 +188,24 @@ def _within_limit(file: Path, limits: AdapterLimits, problems: list[str]) -> boo
     return size <= limits.max_file_bytes
 
 
-def _check_config_alone(file: Path, base: BaseInfo | None, problems: list[str]) -> None:
+def _check_config_alone(file: Path, base: BaseInfo | None, problems: list[str]) -> dict | None:
     config = _read_config(file, problems)
     if config is not None:
         # Without a base, the config's own family, which must be a Gemma one.
         model_type = config.get("model_type")
-        if base is None and model_type is not None and model_type not in FAMILIES:
-            problems.append(f"model_type {model_type!r} is not a Gemma model: adapters trained on "
-                            f"{', '.join(sorted(FAMILIES))} are served")
-        family = base.family if base is not None else FAMILIES.get(model_type)
+        if base is None and isinstance(model_type, str) and model_type not in FAMILIES:
+            problems.append(f"model_type {model_type!r} is not a model family served here: adapters trained on "
+                            f"{', '.join(sorted(FAMILIES))} are")
+        family = base.family if base is not None else FAMILIES.get(model_type) if isinstance(model_type, str) else None
         _check_config(config, "peft", family, problems)
+    return config
 
 
-def _check_safetensors_header(file: Path, problems: list[str]) -> None:
+def _check_safetensors_header(file: Path, problems: list[str]) -> dict | None:
+    """The header's tensor entries, checked; None when it cannot be read."""
     parsed = _read_safetensors_header(file, problems)
     if parsed is None:
-        return
+        return None
     header, data_bytes = parsed
     if not isinstance(header.pop("__metadata__", {}), dict):
         problems.append(f"{file.name}: __metadata__ must be a JSON object")
@@ -216,6 +214,7 @@ def _check_safetensors_header(file: Path, problems: list[str]) -> None:
     spans = _tensor_spans(file.name, header, problems)
     if spans is not None and not _tiles(sorted(spans), data_bytes):
         problems.append(f"{file.name}: tensor data_offsets do not tile the {data_bytes} data bytes exactly")
+    return header
 
 
 def _tensor_spans(file_name: str, header: dict, problems: list[str]) -> list[tuple[int, int]] | None:
@@ -344,7 +343,9 @@ _BASE_CHANGING_INITS = ("pissa", "corda", "olora", "loftq", "lora_ga")
 
 def _check_config(config: dict, fmt: str, family: str, problems: list[str]) -> None:
     model_type = config.get("model_type")
-    if model_type is not None and FAMILIES.get(model_type) != family:
+    if model_type is not None and not isinstance(model_type, str):
+        problems.append(f"model_type {model_type!r} is refused: give a string such as 'gemma'")
+    elif model_type is not None and FAMILIES.get(model_type) != family:
         problems.append(f"model_type {model_type!r} is not this base's family ({family})")
     if fmt == "mlx-lm":
         _check_mlx_lm_config(config, problems)
