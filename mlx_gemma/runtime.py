@@ -283,9 +283,9 @@ class Runtime:
         """Refuse ids the model has no embedding row for: a tokenizer may hold more tokens than the
         model (Gemma 3 text models and `<image_soft_token>`), and MLX would read past the table."""
         vocab_size = self.model.args.vocab_size
-        if max(ids) < vocab_size:
+        beyond = _out_of_range(ids, vocab_size)
+        if beyond is None:
             return
-        beyond = next(i for i in ids if i >= vocab_size)
         raise ValueError(f"the prompt holds the token {self.tokenizer.id_to_token(beyond)!r} (id {beyond}), "
                          f"which this model has no embedding for (its ids are 0..{vocab_size - 1}): "
                          "take it out of the prompt")
@@ -375,7 +375,14 @@ def _check_token_ids(token_ids: Sequence[int], vocab_size: int) -> list[int]:
     ids = [int(t) for t in token_ids]
     if not ids:
         raise ValueError("token_ids is empty: pass at least one id")
-    bad = [t for t in ids if not 0 <= t < vocab_size]
-    if bad:
-        raise ValueError(f"token id {bad[0]} is out of range: ids must be in 0..{vocab_size - 1}")
+    bad = _out_of_range(ids, vocab_size)
+    if bad is not None:
+        raise ValueError(f"token id {bad} is out of range: ids must be in 0..{vocab_size - 1}")
     return ids
+
+
+def _out_of_range(ids: Sequence[int], vocab_size: int) -> int | None:
+    """The first id outside 0..vocab_size - 1, or None (one pass at C speed when all are in range)."""
+    if 0 <= min(ids) and max(ids) < vocab_size:
+        return None
+    return next(t for t in ids if not 0 <= t < vocab_size)

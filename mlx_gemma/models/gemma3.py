@@ -136,12 +136,14 @@ class Attention(nn.Module):
         return keys, values, window_mask(length, n_keys - start, self.window)
 
 
+FLOAT16_MAX = float(mx.finfo(mx.float16).max)
+
+
 def clip_residual(x: mx.array, y: mx.array) -> mx.array:
     """x + y; in float16, summed in float32 and clipped to float16's range so it cannot overflow."""
     if x.dtype != mx.float16:
         return x + y
-    bound = mx.finfo(mx.float16).max
-    return mx.clip(x.astype(mx.float32) + y.astype(mx.float32), -bound, bound).astype(mx.float16)
+    return mx.clip(x.astype(mx.float32) + y.astype(mx.float32), -FLOAT16_MAX, FLOAT16_MAX).astype(mx.float16)
 
 
 class DecoderLayer(nn.Module):
