@@ -45,7 +45,6 @@ SERVER_LIMITS: dict[str, Callable[[dict[str, Any]], bool]] = {
     "messages is a non-empty list of user, assistant, model or system turns": _bad_messages,
     "functions are not supported": lambda body: bool(body.get("functions")),
     "lora is a string, with either variant": lambda body: "lora" in body and not isinstance(body["lora"], str),
-    "raw applies to a prompt only": lambda body: "messages" in body and bool(body.get("raw")),
     "no sampling number is NaN": lambda body: any(isinstance(body.get(k), float) and math.isnan(body[k])
                                                   for k in SAMPLING_FIELDS),
 }
