@@ -168,6 +168,7 @@ def test_a_long_prompt_is_read_in_chunks_between_decode_steps(batch_rt: mlx_gemm
 
     long_prompt = "x" * (2 * PREFILL_CHUNK + 100)  # byte-level tiny tokenizer: about three chunks
     alone = batch_rt.generate(prompt=long_prompt, raw=True, temperature=0, max_tokens=4)
+    batch_rt.engine.run(batch_rt.engine.prefixes.clear)  # the prompt is read again, not reused from `alone`
     running = batch_rt.stream(prompt="Keep talking", temperature=0, max_tokens=300)
     next(running)
     steps_at_submit = batch_rt.engine.stats.steps
