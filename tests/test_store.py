@@ -340,6 +340,9 @@ def test_weights_whose_shapes_do_not_fit_the_base_are_refused(store, tmp_path):
     store.add_asset("shapes", CONFIG, fixture_bytes(CONFIG))
     assert_refused(store, AssetError, "q_proj: shapes", store.add_asset, "shapes", WEIGHTS,
                    wrong_shape_weights(tmp_path))
+    assert_refused(store, AssetError, re.escape(  # not "does not match the fine-tune's config": it does
+        "The files agree with each other: the adapter was trained for another base model than the one this "
+        "server runs"), store.add_asset, "shapes", WEIGHTS, wrong_shape_weights(tmp_path))
 
 
 def test_a_good_pair_stays_when_a_bad_replacement_is_refused(store, tmp_path):

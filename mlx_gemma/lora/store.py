@@ -416,27 +416,34 @@ class FinetuneStore:
         except AdapterError as exc:
             refused = f"{file_name} for fine-tune {finetune.name!r} refused: {exc.summary}"
             mismatched = any(SHAPE_MISMATCH in problem for problem in exc.problems)  # config r vs weights
-            if others and mismatched and self._valid_alone(file_name, upload):
+            if others and mismatched and self._valid({file_name: upload}):
+                if self._valid({file_name: upload, **others}, self._files_alone):
+                    raise AssetError(f"{refused}. The files agree with each other: the adapter was trained for "
+                                     "another base model than the one this server runs") from exc
                 raise AssetError(f"{refused}. The file is valid alone but does not match the fine-tune's "
                                  f"{' and '.join(others)}: to change the rank or the target modules, create a "
                                  "new fine-tune with both new files (or delete this one first)") from exc
             raise AssetError(refused) from exc
 
-    def _valid_alone(self, file_name: str, upload: Path) -> bool:
+    def _files_alone(self, staging: Path) -> None:
+        """The checks that need no base model: each file, and the pair's ranks."""
+        check_adapter_files(staging, None, AdapterLimits(max_file_bytes=self.max_file_bytes))
+
+    def _valid(self, files: dict[str, Path], validate: Callable[[Path], None] | None = None) -> bool:
         try:
-            self._validate_staged({file_name: upload})
+            self._validate_staged(files, validate)
         except AdapterError:
             return False
         return True
 
-    def _validate_staged(self, files: dict[str, Path]) -> None:
-        """Run the validator on a staging directory holding these files (linked, or copied)."""
+    def _validate_staged(self, files: dict[str, Path], validate: Callable[[Path], None] | None = None) -> None:
+        """Run the validator (default: the store's) on a staging directory holding these files (linked, or copied)."""
         staging = self.tmp_dir / f"{uuid.uuid4()}.staging"
         try:
             staging.mkdir()
             for name, source in files.items():
                 _link_or_copy(source, staging / name)
-            self._validate(staging)
+            (validate or self._validate)(staging)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
