@@ -68,9 +68,10 @@ def startup_note(dtype: str) -> str:
     """One line for start-up logs: the platform, the BLAS and whether the Linux fast path is on."""
     if not is_linux():
         return f"{sys.platform}: MLX's own backend, {dtype} weights"
-    fast = dtype == "float32" and _note.startswith("OpenBLAS preloaded")
-    fix = "" if _note.startswith("OpenBLAS turned off") else " (use float32 weights and install libopenblas0-pthread)"
-    state = "on" if fast else "off" + fix
+    blas = _note.startswith("OpenBLAS preloaded")
+    fixes = ([] if dtype == "float32" else ["use float32 weights"]) + \
+        ([] if blas or _note.startswith("OpenBLAS turned off") else ["install libopenblas0-pthread"])
+    state = "on" if dtype == "float32" and blas else "off" + (f" ({' and '.join(fixes)})" if fixes else "")
     return f"Linux CPU fast path {state}: {dtype} weights, {_note}"
 
 

@@ -264,7 +264,8 @@ def _log_serving(service: Any, args: argparse.Namespace) -> None:
              f"mlx-gemma: max batch {args.max_batch}, max queue {args.max_queue}"
              + (", bearer token required" if service.settings.api_token else ", no token required"),
              f"mlx-gemma: Workers AI: POST http://{args.host}:{args.port}/client/v4/accounts/<account>/ai/run/"
-             f"{service.served_models()[0]}  OpenAI: http://{args.host}:{args.port}/v1"]
+             f"{service.served_models()[0]}  OpenAI: http://{args.host}:{args.port}/v1",
+             f"mlx-gemma: playground: http://{args.host}:{args.port}/"]
     print("\n".join(lines), file=sys.stderr, flush=True)
 
 

@@ -102,6 +102,7 @@ def test_offline_serve_falls_back_to_the_demo(tmp_path) -> None:
         server.kill()
         log = server.stderr.read()
     assert "NOTE: google/gemma-2b-it is not available" in log and "Gemma 3 270M" in log
+    assert f"mlx-gemma: playground: http://127.0.0.1:{port}/\n" in log
 
 
 def _post_when_up(url: str, body: dict) -> httpx.Response:

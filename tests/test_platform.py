@@ -56,3 +56,16 @@ def test_with_openblas_turned_off_the_environment_is_left_alone():
     note, timeout = probe(MLX_GEMMA_OPENBLAS="0")
     assert note == "OpenBLAS turned off by MLX_GEMMA_OPENBLAS=0 (unset it for ~20x faster prefill)"
     assert timeout == "None"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the Linux fast path")
+@pytest.mark.parametrize("note, dtype, state", [
+    ("OpenBLAS preloaded from X", "float32", "on"),
+    ("OpenBLAS preloaded from X", "bfloat16", "off (use float32 weights)"),
+    ("OpenBLAS not found", "float32", "off (install libopenblas0-pthread)"),
+    ("OpenBLAS not found", "float16", "off (use float32 weights and install libopenblas0-pthread)"),
+    ("OpenBLAS turned off by MLX_GEMMA_OPENBLAS=0", "float32", "off"),
+])
+def test_the_start_up_note_names_only_the_fixes_that_apply(monkeypatch, note, dtype, state):
+    monkeypatch.setattr(_platform, "_note", note)
+    assert _platform.startup_note(dtype) == f"Linux CPU fast path {state}: {dtype} weights, {note}"
