@@ -338,14 +338,15 @@ class Runtime:
         results = []
         wave = max(1, self.engine.max_queue)  # never more waiting than the queue holds
         for start in range(0, len(prepared), wave):
-            results += self._run_wave(prepared[start:start + wave])
+            results += self._run_wave(prepared[start:start + wave], start)
         return results
 
-    def _run_wave(self, prepared: list[tuple[list[int], GenerationParams, str | None]]) -> list[GenerationResult]:
+    def _run_wave(self, prepared: list[tuple[list[int], GenerationParams, str | None]],
+                  first: int) -> list[GenerationResult]:
         """Run requests together; an error in one, or Ctrl-C, stops the others too."""
         with contextlib.ExitStack() as running:
             streams = [running.enter_context(TextStream(self, ids, params, lora)) for ids, params, lora in prepared]
-            texts = ["".join(stream) for stream in streams]
+            texts = [_read_request(stream, first + i) for i, stream in enumerate(streams)]
         return [GenerationResult(text, s.usage, s.finish_reason or "length", s.token_ids)
                 for text, s in zip(texts, streams)]
 
@@ -369,6 +370,15 @@ def _fused_precision(loaded: LoadedModel, dequantized: int) -> str:
         return loaded.dtype + (f", {loaded.quantization['bits']}-bit quantized" if loaded.quantization else "")
     return (f"{dequantized} quantized layers were dequantized to {loaded.dtype} to hold the delta exactly; "
             "the other layers keep their quantization")
+
+
+def _read_request(stream: TextStream, index: int) -> str:
+    """The text of request `index` of generate_many; an error raised while reading it says which."""
+    try:
+        return "".join(stream)
+    except Exception as exc:
+        exc.add_note(f"raised by requests[{index}] of generate_many")
+        raise
 
 
 def _check_token_ids(token_ids: Sequence[int], vocab_size: int) -> list[int]:

@@ -65,6 +65,17 @@ def test_generate_many_names_a_bad_request(batch_rt: mlx_gemma.Runtime) -> None:
         batch_rt.generate_many([{"prompt": "a"}, {"prompt": "b", "temperature": 9}])
 
 
+def test_an_error_while_a_request_of_generate_many_runs_names_its_index(batch_rt: mlx_gemma.Runtime,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """An adapter removed between the call's checks and its request's start."""
+    acquire = batch_rt.registry.acquire
+    gone = next(iter(ADAPTERS))
+    monkeypatch.setattr(batch_rt.registry, "acquire", lambda name: acquire(name) if name != gone else {}[name])
+    with pytest.raises(ValueError, match=f"lora='{gone}': the adapter was removed before the request started") as err:
+        batch_rt.generate_many([{"prompt": "a", "max_tokens": 3}, {"prompt": "b", "lora": gone, "max_tokens": 3}])
+    assert err.value.__notes__ == ["raised by requests[1] of generate_many"]
+
+
 @pytest.fixture(scope="module")
 def live_batch(batch_rt: mlx_gemma.Runtime, tmp_path_factory: pytest.TempPathFactory):
     app = build_app(batch_rt, Settings(data_dir=tmp_path_factory.mktemp("batch-data")))
