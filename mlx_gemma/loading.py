@@ -36,6 +36,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
+import tempfile
 from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -439,9 +441,6 @@ def save_checkpoint(loaded: LoadedModel, model: nn.Module, out_dir: str | Path) 
     """Write a plain Hugging Face checkpoint (dense weights in the model's dtype) with the tokenizer into
     a new or empty directory. The files are written into a scratch directory inside it and moved up
     at the end, so a failure leaves no half-written checkpoint (and a directory it made is removed)."""
-    import shutil
-    import tempfile
-
     out = check_checkpoint_target(out_dir)
     made = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
@@ -460,8 +459,6 @@ def save_checkpoint(loaded: LoadedModel, model: nn.Module, out_dir: str | Path) 
 
 
 def _write_checkpoint(loaded: LoadedModel, model: nn.Module, out: Path) -> None:
-    import shutil
-
     weights = {k: v.astype(DTYPES[loaded.dtype]) for k, v in _dense_weights(model).items()}
     mx.save_safetensors(str(out / "model.safetensors"), weights, metadata={"format": "pt"})
     config = {k: v for k, v in loaded.config.items() if k not in ("quantization", "quantization_config")}

@@ -29,7 +29,6 @@ from pathlib import Path
 from tokenizers import Tokenizer
 
 STOP_TOKENS = ("<eos>", "<end_of_turn>")
-REPLACEMENT_CHAR = "\ufffd"
 _BYTE_TOKEN = re.compile(r"<0x[0-9A-F]{2}>")
 
 
@@ -112,16 +111,19 @@ class StreamingDetokenizer:
     def __init__(self, tokenizer: GemmaTokenizer):
         self._tokenizer = tokenizer
         self._bytes = codecs.getincrementaldecoder("utf-8")("replace")
+        self._bytes_fed = False  # since the last flush: plain tokens then skip the decoder
 
     def add(self, token_id: int) -> str:
         byte = self._tokenizer.byte_values.get(token_id)
         if byte is not None:
+            self._bytes_fed = True
             return self._bytes.decode(bytes((byte,)))
-        return self.flush() + self._tokenizer.decode([token_id])
+        return (self.flush() if self._bytes_fed else "") + self._tokenizer.decode([token_id])
 
     def flush(self) -> str:
         """Return whatever is held back: an incomplete character at the end reads as one U+FFFD, as
         Python's `bytes.decode("utf-8", "replace")` reads it (the tokenizer gives one per byte)."""
         text = self._bytes.decode(b"", final=True)
         self._bytes.reset()
+        self._bytes_fed = False
         return text

@@ -17,8 +17,8 @@ Refused, each with its reason: PEFT features that change the math beyond `W x + 
 (DoRA, `modules_to_save`, `bias` other than "none", aLoRA, layer replication and the other
 fields of `_REFUSED_PEFT_FIELDS`; PiSSA, CorDA, OLoRA, LoftQ and LoRA-GA initialisations,
 which change the base weights), config values of the wrong type or range (named, before any
-weight is read), two adapter names' tensors for one layer, an mlx-lm config without `lora_parameters.scale` (as mlx-lm itself), other PEFT types, pickled
-`.bin` weights, unknown modules, mismatched shapes, rank over the limit (default 32), files over
+weight is read), two adapter names' tensors for one layer, an mlx-lm config without
+`lora_parameters.scale` (as mlx-lm itself), other PEFT types, pickled `.bin` weights, unknown modules, mismatched shapes, rank over the limit (default 32), files over
 the size limit (default 300 MB), non-finite weights, an adapter `model_type` of another family
 than the base.
 
@@ -27,8 +27,8 @@ upload may bring one file at a time): each present file is checked alone first, 
 against the base's family and the safetensors header parsed without loading a tensor (dtypes
 F16/BF16/F32, 2-D LoRA A/B weights whose declared shapes match their bytes, offsets tiling the
 data exactly); then, with both files and a base, `read_adapter` loads and checks the weights.
-Without a base, a config's model_type must be a family served here, and with both files each tensor's
-rank must be the config's `r` (or its `rank_pattern` entry). An error shows its first
+Without a base, a config's model_type must be a family served here, and with both files each
+tensor's rank must be the config's `r` (or its `rank_pattern` entry). An error shows its first
 MAX_PROBLEMS_SHOWN problems (`problems` holds them all).
 """
 
@@ -173,7 +173,7 @@ def _check_ranks_in_header(config: dict, header: dict, problems: list[str]) -> N
     """Without a base, each tensor's rank side (lora_A rows, lora_B columns) against the config's r
     and rank_pattern, from the (valid) header alone."""
     for key, info in header.items():
-        module, side = _split_peft_key(key) or ("", "")
+        module, side = _split_peft_key(key)  # the header passed its checks: every key is a LoRA A/B weight
         rank = _pattern_value(config.get("rank_pattern"), module, config.get("r", 8))
         found = info["shape"][0 if side == "A" else 1]
         if found != rank:
@@ -196,8 +196,8 @@ def _check_config_alone(file: Path, base: BaseInfo | None, problems: list[str]) 
         if base is None and isinstance(model_type, str) and model_type not in FAMILIES:
             problems.append(f"model_type {model_type!r} is not a model family served here: adapters trained on "
                             f"{', '.join(sorted(FAMILIES))} are")
-        family = base.family if base is not None else FAMILIES.get(model_type) if isinstance(model_type, str) else None
-        _check_config(config, "peft", family, problems)
+        own_family = FAMILIES.get(model_type) if isinstance(model_type, str) else None
+        _check_config(config, "peft", base.family if base is not None else own_family, problems)
     return config
 
 
