@@ -322,6 +322,9 @@ class EngineThread:
         return 0 if self._prefilling is None else 1
 
     def submit(self, request: Request) -> None:
+        if threading.current_thread() is self._thread:
+            raise RuntimeError("a generation cannot start on the engine thread (inside engine.run or engine.call): "
+                               "its reader would wait for the thread it blocks; start it from another thread")
         with self._count_lock:  # with close(): nothing is queued behind the stop
             self._check_open()
             if self.waiting >= self.max_queue:
@@ -467,13 +470,13 @@ class EngineThread:
                 self._fail_waiting(request, exc)
                 continue
             try:
-                sampler = RowSampler(request.params, request.prompt_ids, self.model.args.vocab_size)
-            except Exception as exc:
+                job = self._start_prefill(request, slot)
+            except Exception as exc:  # this request's failure (its sampler, its adapter): the others go on
                 request.release()
                 self._fail_waiting(request, exc)
                 continue
             self._leave_queue()
-            return self._start_prefill(request, slot, sampler)
+            return job
         return None
 
     def _leave_queue(self) -> None:
@@ -487,7 +490,8 @@ class EngineThread:
         self.stats.requests["error"] += 1
         _emit_quietly(request, exc)
 
-    def _start_prefill(self, request: Request, slot: int, sampler: RowSampler) -> "_Prefill":
+    def _start_prefill(self, request: Request, slot: int) -> "_Prefill":
+        sampler = RowSampler(request.params, request.prompt_ids, self.model.args.vocab_size)
         ids = list(request.prompt_ids)
         key = request.adapter_key()
         hit = self.prefixes.lookup(key, ids)

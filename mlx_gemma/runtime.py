@@ -37,7 +37,7 @@ import mlx.core as mx
 import numpy as np
 
 from .chat import prompt_ids
-from .engine import EngineThread, Request, StepOutput, check_prompt_length
+from .engine import EngineThread, QueueFullError, Request, StepOutput, check_prompt_length
 from .loading import LoadedModel
 from .lora import layers
 from .lora.adapters import FAMILIES, AdapterLimits
@@ -91,6 +91,9 @@ class Pieces:
         return piece
 
 
+_CLOSED: Any = object()  # put in a TextStream's queue by close(), to wake a reader waiting on it
+
+
 class TextStream:
     """Iterator of text pieces for one request; usage and finish_reason are set at the end."""
 
@@ -117,15 +120,20 @@ class TextStream:
 
     def __next__(self) -> str:
         while self._pieces.finish_reason is None:
-            if piece := self._pieces.take(self._items.get()):
+            item = self._items.get()
+            if item is _CLOSED:
+                break
+            if piece := self._pieces.take(item):
                 return piece
         raise StopIteration
 
     def close(self) -> None:
         """Stop generating now and free the engine for others (also done when garbage-collected,
-        and on leaving a `with` block)."""
+        and on leaving a `with` block). A thread reading the stream meanwhile ends it after the pieces
+        already on their way, if any; finish_reason is "cancelled" unless the last of them ended it."""
         self._request.cancel()
         self._pieces.finish_reason = self._pieces.finish_reason or "cancelled"
+        self._items.put(_CLOSED)  # the engine sends nothing to a request it drops: wake the reader
 
     def __enter__(self) -> "TextStream":
         return self
@@ -335,18 +343,26 @@ class Runtime:
                 prepared.append((*self.prepare(**request), request.get("lora")))
             except (TypeError, ValueError) as exc:
                 raise ValueError(f"requests[{index}]: {exc}") from None
-        results = []
-        wave = max(1, self.engine.max_queue)  # never more waiting than the queue holds
-        for start in range(0, len(prepared), wave):
-            results += self._run_wave(prepared[start:start + wave], start)
-        return results
+        with contextlib.ExitStack() as running:  # an error in one, or Ctrl-C, stops the others too
+            streams: list[TextStream] = []
 
-    def _run_wave(self, prepared: list[tuple[list[int], GenerationParams, str | None]],
-                  first: int) -> list[GenerationResult]:
-        """Run requests together; an error in one, or Ctrl-C, stops the others too."""
-        with contextlib.ExitStack() as running:
-            streams = [running.enter_context(TextStream(self, ids, params, lora)) for ids, params, lora in prepared]
-            texts = [_read_request(stream, first + i) for i, stream in enumerate(streams)]
+            def top_up(reading: int) -> None:
+                """Submit the request about to be read, and more while the queue has room (never more
+                waiting than it holds): as the engine takes them into the batch, room comes back."""
+                while len(streams) < len(prepared):
+                    needed = len(streams) <= reading
+                    if not needed and self.engine.waiting >= self.engine.max_queue:
+                        return
+                    try:
+                        streams.append(running.enter_context(TextStream(self, *prepared[len(streams)])))
+                    except QueueFullError:
+                        if needed:
+                            raise
+                        return  # other clients filled the queue: try again after the next piece
+                    except Exception as exc:
+                        raise _noted(exc, len(streams))
+
+            texts = [_read_request(streams, index, top_up) for index in range(len(prepared))]
         return [GenerationResult(text, s.usage, s.finish_reason or "length", s.token_ids)
                 for text, s in zip(texts, streams)]
 
@@ -372,13 +388,25 @@ def _fused_precision(loaded: LoadedModel, dequantized: int) -> str:
             "the other layers keep their quantization")
 
 
-def _read_request(stream: TextStream, index: int) -> str:
-    """The text of request `index` of generate_many; an error raised while reading it says which."""
+def _read_request(streams: list[TextStream], index: int, top_up: Callable[[int], None]) -> str:
+    """The text of request `index` of generate_many, calling `top_up` before each piece; an error
+    raised while reading it says which request it came from."""
+    pieces = []
     try:
-        return "".join(stream)
+        top_up(index)
+        for piece in streams[index]:
+            pieces.append(piece)
+            top_up(index)
+        return "".join(pieces)
     except Exception as exc:
+        raise _noted(exc, index)
+
+
+def _noted(exc: Exception, index: int) -> Exception:
+    """`exc`, noting the request of generate_many it came from (once: the first note is the right one)."""
+    if not any("of generate_many" in note for note in getattr(exc, "__notes__", ())):
         exc.add_note(f"raised by requests[{index}] of generate_many")
-        raise
+    return exc
 
 
 def _check_token_ids(token_ids: Sequence[int], vocab_size: int) -> list[int]:

@@ -300,6 +300,72 @@ def test_a_cancelled_waiting_request_gives_its_queue_place_back(tiny_dir: Path) 
     assert len(list(late)) >= 1
 
 
+def test_closing_a_stream_from_another_thread_wakes_its_reader(tiny_dir: Path) -> None:
+    """The engine drops a cancelled request without a word: a reader blocked on it must still end."""
+    rt = mlx_gemma.load(tiny_dir, max_batch=1)
+    running = rt.stream(prompt="Keep talking", temperature=0, max_tokens=300)
+    next(running)
+    queued = rt.stream(prompt="Queued", temperature=0, max_tokens=5)
+    read: list[list[str]] = []
+    reader = threading.Thread(target=lambda: read.append(list(queued)), daemon=True)
+    reader.start()
+    time.sleep(0.2)  # the reader waits on the queued request
+    queued.close()
+    reader.join(timeout=10)
+    running.close()
+    assert not reader.is_alive() and read == [[]] and queued.finish_reason == "cancelled"
+    rt.close()
+
+
+def test_a_generation_started_on_the_engine_thread_is_refused(batch_rt: mlx_gemma.Runtime) -> None:
+    """Its reader would wait for the very thread it blocks: every later request would hang."""
+    started = batch_rt.engine.call(lambda: batch_rt.generate(prompt="Hi", max_tokens=2))
+    with pytest.raises(RuntimeError, match="a generation cannot start on the engine thread"):
+        started.result(timeout=10)
+    assert len(batch_rt.generate(prompt="Hi", temperature=0, max_tokens=2).token_ids) == 2
+
+
+def test_a_request_that_fails_to_start_its_prefill_fails_alone(batch_rt: mlx_gemma.Runtime,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    expected = batch_rt.generate(prompt="Keep talking", temperature=0, max_tokens=40)
+    running = batch_rt.stream(prompt="Keep talking", temperature=0, max_tokens=40)
+    first = next(running)
+    lookup = batch_rt.engine.prefixes.lookup
+
+    def broken_lookup(key: str, ids: list[int]) -> object:
+        monkeypatch.setattr(batch_rt.engine.prefixes, "lookup", lookup)  # once
+        raise KeyError("prefix cache broke")
+
+    monkeypatch.setattr(batch_rt.engine.prefixes, "lookup", broken_lookup)
+    with pytest.raises(KeyError, match="prefix cache broke"):
+        batch_rt.generate(prompt="Another", lora="all7_r8", max_tokens=3)
+    assert first + "".join(running) == expected.text  # the running stream went on
+    assert [a["in_use"] for a in batch_rt.adapters()] == [0] * len(ADAPTERS) and batch_rt.engine.waiting == 0
+
+
+def test_generate_many_fills_the_batch_past_a_short_queue(tiny_dir: Path) -> None:
+    """Requests beyond the queue's room are submitted as the engine takes the waiting ones."""
+    rt = mlx_gemma.load(tiny_dir, max_queue=2, max_batch=8)
+    requests = [dict(prompt=f"Story {i}", temperature=0, max_tokens=40) for i in range(16)]
+    alone = [rt.generate(**request) for request in requests]
+    together = rt.generate_many(requests)
+    assert [r.token_ids for r in together] == [r.token_ids for r in alone]
+    assert rt.engine.stats.peak_batch == 8 and rt.engine.stats.rejected["queue_full"] == 0
+    rt.close()
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_mixed_adapters_batch_in_half_precision(tiny_dir: Path, dtype: str) -> None:
+    """MLX's CPU gather_mm takes float32 only: half-precision rows with different adapters still batch."""
+    rt = mlx_gemma.load(tiny_dir, dtype=dtype, adapters=ADAPTERS, max_batch=8)
+    requests = [dict(prompt=f"Request {i}", lora=LORAS[i % 5], temperature=0, max_tokens=8) for i in range(5)]
+    alone = [rt.generate(**request) for request in requests]
+    together = rt.generate_many(requests)
+    assert rt.engine.stats.requests["error"] == 0 and rt.engine.stats.peak_batch == 5
+    assert [r.token_ids for r in together] == [r.token_ids for r in alone]
+    rt.close()
+
+
 def test_a_closed_runtime_ends_its_requests_and_refuses_new_ones(tiny_dir: Path) -> None:
     rt = mlx_gemma.load(tiny_dir)
     running = rt.stream(prompt="Keep talking", temperature=0, max_tokens=300)

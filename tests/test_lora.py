@@ -423,3 +423,29 @@ def test_an_adapter_for_another_model_is_summarised(tiny_dir, tmp_path):
     shown = str(err.value).split(" refused: ")[1].split("; ")
     assert len(shown) == MAX_PROBLEMS_SHOWN + 1
     assert shown[-1] == f"and {len(err.value.problems) - MAX_PROBLEMS_SHOWN} more like these"
+
+
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16, mx.float32])
+def test_rows_with_different_adapters_match_each_adapter_alone(dtype: mx.Dtype) -> None:
+    """The mixed path (gather_mm, which MLX's CPU runs in float32 only) gives each row exactly what
+    that row's adapter gives alone, in every dtype."""
+    import mlx.nn as nn
+    from mlx_gemma.lora.adapters import LoRAWeights
+    from mlx_gemma.lora.layers import LoRAContext, LoRALinear
+
+    mx.random.seed(3)
+    base = nn.Linear(64, 48, bias=False)
+    base.weight = base.weight.astype(dtype)
+    context = LoRAContext()
+    layer = LoRALinear(base, context)
+    for slot, rank in ((1, 8), (2, 4)):
+        layer.add(slot, LoRAWeights(mx.random.normal((64, rank)), mx.random.normal((rank, 48)), 1.0), dtype)
+    x = mx.random.normal((6, 1, 64)).astype(dtype)
+    slots = [1, 2, 0, 2, 1, 1]
+    context.set(slots)
+    together = layer(x)
+    for row, slot in enumerate(slots):
+        context.set([slot])
+        alone = layer(x[row:row + 1])
+        assert together.dtype == dtype
+        assert mx.array_equal(together[row:row + 1], alone).item(), (row, slot)

@@ -66,6 +66,21 @@ class _Mixed:
         self.a, self.b = stacked
         self.rows = context.rows_within(self.a.shape[0])
 
+    def delta(self, x: mx.array) -> mx.array:
+        """Each row's x @ a @ b, with its own adapter; in the stacks' dtype (float32 where x's is one
+        that `gather_mm` cannot take: see `_gather_dtype`), returned in x's."""
+        cast = x.dtype != self.a.dtype
+        h = mx.gather_mm(x.astype(self.a.dtype) if cast else x, self.a, lhs_indices=self.batch, rhs_indices=self.rows)
+        if cast:  # rounded as the one-adapter path's x @ a is, so a row's tokens are the same alone or batched
+            h = h.astype(x.dtype).astype(self.a.dtype)
+        delta = mx.gather_mm(h, self.b, lhs_indices=self.batch, rhs_indices=self.rows)
+        return delta.astype(x.dtype) if cast else delta
+
+
+def _gather_dtype(dtype: mx.Dtype) -> mx.Dtype:
+    """The dtype adapters are stacked in for `gather_mm`: MLX's CPU kernel takes float32 only."""
+    return dtype if mx.default_device().type == mx.DeviceType.gpu else mx.float32
+
 
 # addmm on a (B, M, in) batch runs one product per matrix, reading the weight each time. That is
 # cheaper than folding the rows into one matrix (three reshapes in the graph) only while the weight
@@ -112,8 +127,9 @@ class LoRALinear(nn.Module):
         if self._stacked is None:
             n_slots, rank = max(self._adapters) + 1, max(w.rank for w in self._adapters.values())
             first = next(iter(self._adapters.values()))
-            a = mx.zeros((n_slots, first.a.shape[0], rank), first.a.dtype)
-            b = mx.zeros((n_slots, rank, first.b.shape[1]), first.b.dtype)
+            dtype = _gather_dtype(first.a.dtype)
+            a = mx.zeros((n_slots, first.a.shape[0], rank), dtype)
+            b = mx.zeros((n_slots, rank, first.b.shape[1]), dtype)
             for slot, w in self._adapters.items():
                 a[slot, :, : w.rank] = w.a
                 b[slot, : w.rank, :] = w.b
@@ -147,8 +163,7 @@ class LoRALinear(nn.Module):
         if mixed is None or mixed.for_rows is not context.rows:
             mixed = _Mixed(context, self._stack())
             _plain(self, _mixed=mixed)
-        h = mx.gather_mm(x, mixed.a, lhs_indices=mixed.batch, rhs_indices=mixed.rows)
-        return mx.gather_mm(h, mixed.b, lhs_indices=mixed.batch, rhs_indices=mixed.rows)
+        return mixed.delta(x)
 
 
 def context_of(model: nn.Module) -> LoRAContext:
