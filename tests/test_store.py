@@ -13,7 +13,7 @@ import sys
 import threading
 import time
 import uuid
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import numpy as np
@@ -222,6 +222,20 @@ def test_replacing_an_asset_swaps_it_and_bumps_modified_at(store):
     assert json.loads((second.path / CONFIG).read_bytes())["lora_alpha"] == 32
     assert second.modified_at > first.modified_at >= finetune.created_at
     assert second.created_at == finetune.created_at and store.check() == []
+
+
+def test_modified_at_moves_on_when_the_clock_is_set_back(store, monkeypatch):
+    """The server serves a fine-tune's newest files by modified_at: a clock set back between two
+    uploads (NTP, a resumed VM) must not make the new upload sort before the old one."""
+    from mlx_gemma.lora import store as store_module
+    finetune = store.create(MODEL, "clock")
+    first = store.add_asset(finetune.id, CONFIG, fixture_bytes(CONFIG))
+    monkeypatch.setattr(store_module, "_now", lambda: "2020-01-01T00:00:00.000000Z")
+    second = store.add_asset(finetune.id, CONFIG, config_bytes(lora_alpha=32))
+    last = datetime.strptime(first.modified_at, "%Y-%m-%dT%H:%M:%S.%fZ")
+    assert datetime.strptime(second.modified_at, "%Y-%m-%dT%H:%M:%S.%fZ") - last == timedelta(microseconds=1)
+    third = store.add_asset(finetune.id, CONFIG, fixture_bytes(CONFIG))
+    assert third.modified_at > second.modified_at > first.modified_at
 
 
 def test_wrong_file_name_is_refused(store):

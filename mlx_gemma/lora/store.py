@@ -53,7 +53,7 @@ from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -462,7 +462,8 @@ class FinetuneStore:
         swapped = False
         try:
             with self._db() as conn:
-                conn.execute("UPDATE finetunes SET modified_at = ? WHERE id = ?", (_now(), finetune.id))
+                conn.execute("UPDATE finetunes SET modified_at = ? WHERE id = ?",
+                             (_now_after(finetune.modified_at), finetune.id))
                 os.replace(upload, target)
                 swapped = True
                 _fsync_dir(finetune.path)
@@ -528,8 +529,24 @@ def _taken(exc: sqlite3.IntegrityError) -> bool:
     return "finetunes.name" in str(exc)
 
 
+TIME_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
+
+
 def _now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return datetime.now(timezone.utc).strftime(TIME_FORMAT)
+
+
+def _now_after(previous: str) -> str:
+    """The time now, or a microsecond past `previous` if the clock reads earlier (it was set back):
+    each upload's modified_at sorts after the last, and the server serves the newest files by it."""
+    now = _now()
+    if now > previous:
+        return now
+    try:
+        last = datetime.strptime(previous, TIME_FORMAT)
+    except ValueError:  # written by another tool: keep the clock's time
+        return now
+    return (last + timedelta(microseconds=1)).strftime(TIME_FORMAT)
 
 
 def _chunks(source: BinaryIO | bytes) -> Iterator[bytes]:
