@@ -59,7 +59,9 @@ class GemmaTokenizer:
     def encode(self, text: str, parse_special: bool = False) -> list[int]:
         check_encodable(text)
         tokenizer = self._raw if parse_special else self._plain
-        return tokenizer.encode(text, add_special_tokens=False).ids
+        # encode_batch lets go of the GIL while it works (encode holds it): a long prompt tokenized on
+        # a server's worker thread must not stall the event loop. The ids are the same.
+        return tokenizer.encode_batch([text], add_special_tokens=False)[0].ids
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._raw.decode(list(ids), skip_special_tokens=True)

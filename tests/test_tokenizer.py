@@ -131,3 +131,28 @@ def test_a_long_run_of_cut_characters_streams_as_it_goes(tok):
     assert pieces[:4] == ["", "", "\ufffd", ""]
     assert sum(1 for piece in pieces if piece) == 200
     assert "".join(pieces) + detok.flush() == bytes(run).decode("utf-8", "replace")
+
+
+def test_encoding_lets_other_threads_run(tok):
+    """A server tokenizes on a worker thread; holding the GIL for the whole of a long prompt would
+    stall its event loop (every other client's stream) all the same."""
+    import threading
+
+    text = "hello world, " * 60_000
+    ticks, done = [0], threading.Event()
+
+    def ticker() -> None:
+        while not done.is_set():
+            ticks[0] += 1
+            done.wait(0.001)
+
+    thread = threading.Thread(target=ticker)
+    thread.start()
+    try:
+        for _ in range(3):
+            ids = tok.encode(text)
+    finally:
+        done.set()
+        thread.join()
+    assert ids == tok._plain.encode(text, add_special_tokens=False).ids
+    assert ticks[0] >= 20  # holding the GIL, the ticker gets a tick or two in
