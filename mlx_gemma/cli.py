@@ -101,16 +101,25 @@ def check_dir_flag(flag: str, path: Path) -> None:
         raise ValueError(f"{flag} {path}: {existing} is not writable: pass a directory you can write to")
 
 
-def check_bindable(host: str, port: int) -> None:
-    """Bind (and free) the address uvicorn will listen on, as uvicorn does, before a model loads."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+def bind(host: str, port: int) -> socket.socket:
+    """The socket uvicorn will serve on, bound (as uvicorn binds) before a model loads: a taken port
+    fails at once, and port 0's free port is known for the URLs the server prints."""
+    sock = None
     try:
-        with socket.socket(family) as sock:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((host, port))
-    except OSError as exc:
+        family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as exc:  # socket.gaierror (an unknown host) too
+        if sock is not None:
+            sock.close()
         raise ValueError(f"cannot listen on {host}:{port} ({exc.strerror or exc}): stop the program that uses "
                          "it or pass another --port (or a --host of this machine)") from None
+    return sock
+
+
+def base_url(host: str, port: int) -> str:
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 def _adapter_arg(value: str) -> tuple[str, str]:
@@ -145,6 +154,9 @@ def add_serve_parser(commands: Any) -> None:
     serve.add_argument("--max-resident-adapters", type=int, default=8)
     serve.add_argument("--max-adapter-rank", type=int, default=32, help="largest LoRA rank accepted (default 32)")
     serve.add_argument("--max-upload-mb", type=int, default=300, help="largest fine-tune file accepted (default 300)")
+    serve.add_argument("--allowed-origins", nargs="+", default=[], metavar="ORIGIN",
+                       help="web pages (e.g. http://localhost:3000, or *) whose scripts may call the server "
+                            "from a browser (CORS); default: none but the server's own playground")
     serve.set_defaults(func=cmd_serve)
 
 
@@ -225,20 +237,21 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from .server.service import Settings
 
     adapters = dict(args.adapter)
-    check_serve_flags(args, adapters)
+    sock = check_serve_flags(args, adapters)
     resolve_model(args)
     runtime = mlx_gemma.load(args.model, adapters=adapters, dtype=args.dtype, quantize=args.quantize, fuse=args.fuse,
                              max_resident_adapters=args.max_resident_adapters, max_queue=args.max_queue,
                              max_batch=args.max_batch, max_adapter_rank=args.max_adapter_rank)
     settings = Settings(data_dir=args.data_dir, api_token=args.api_token or None,
-                        max_upload_bytes=args.max_upload_mb * 1024 * 1024)
+                        max_upload_bytes=args.max_upload_mb * 1024 * 1024, allowed_origins=args.allowed_origins)
     app = build_app(runtime, settings)
-    _log_serving(app.state.service, args)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    _log_serving(app.state.service, args, base_url(args.host, sock.getsockname()[1]))
+    uvicorn.Server(uvicorn.Config(app, log_level="info")).run(sockets=[sock])
 
 
-def check_serve_flags(args: argparse.Namespace, adapters: dict[str, str]) -> None:
-    """Everything `serve` can refuse before the model loads; fills in args.data_dir."""
+def check_serve_flags(args: argparse.Namespace, adapters: dict[str, str]) -> socket.socket:
+    """Everything `serve` can refuse before the model loads; fills in args.data_dir and returns the
+    socket to serve on."""
     for name in ("max_batch", "max_queue", "max_resident_adapters", "max_adapter_rank", "max_upload_mb"):
         value = getattr(args, name)
         if value < 1:
@@ -247,10 +260,38 @@ def check_serve_flags(args: argparse.Namespace, adapters: dict[str, str]) -> Non
         raise ValueError(f"--fuse {args.fuse} names no adapter: pass --adapter {args.fuse}=PATH too")
     args.data_dir = args.data_dir or default_data_dir()
     check_dir_flag("--data-dir", args.data_dir)
-    check_bindable(args.host, args.port)
+    args.allowed_origins = check_origins(args.allowed_origins)
+    return bind(args.host, args.port)
 
 
-def _log_serving(service: Any, args: argparse.Namespace) -> None:
+def check_origins(values: list[str]) -> list[str]:
+    """The origins of --allowed-origins: each a scheme and host (and port), as a browser sends it, or
+    * for any page. vLLM's form, one JSON list such as '["http://localhost:3000"]', is read too."""
+    origins = []
+    for value in values:
+        listed = _json_list(value) if value.startswith("[") else [value]
+        for origin in listed:
+            if origin != "*" and not re.fullmatch(r"https?://[a-z0-9.\-]+(:\d{1,5})?|https?://\[[0-9a-f:]+\](:\d{1,5})?",
+                                                  origin):
+                raise ValueError(f"--allowed-origins {origin!r} is not an origin: write it as the browser sends "
+                                 "it, such as http://localhost:3000 (lowercase; no path, query or trailing slash), "
+                                 "or * for any page")
+            origins.append(origin)
+    return origins
+
+
+def _json_list(value: str) -> list[Any]:
+    try:
+        listed = json.loads(value)
+    except json.JSONDecodeError:
+        listed = None
+    if not isinstance(listed, list) or not all(isinstance(item, str) for item in listed):
+        raise ValueError(f"--allowed-origins {value!r}: a JSON list must hold strings, such as "
+                         '\'["http://localhost:3000"]\'')
+    return listed
+
+
+def _log_serving(service: Any, args: argparse.Namespace, url: str) -> None:
     runtime = service.runtime
     names = ", ".join(service.served_models())
     finetunes = service.store.list()
@@ -263,9 +304,9 @@ def _log_serving(service: Any, args: argparse.Namespace) -> None:
              + (f" ({', '.join(f.name for f in finetunes)})" if finetunes else ""),
              f"mlx-gemma: max batch {args.max_batch}, max queue {args.max_queue}"
              + (", bearer token required" if service.settings.api_token else ", no token required"),
-             f"mlx-gemma: Workers AI: POST http://{args.host}:{args.port}/client/v4/accounts/<account>/ai/run/"
-             f"{service.served_models()[0]}  OpenAI: http://{args.host}:{args.port}/v1",
-             f"mlx-gemma: playground: http://{args.host}:{args.port}/"]
+             f"mlx-gemma: Workers AI: POST {url}/client/v4/accounts/<account>/ai/run/"
+             f"{service.served_models()[0]}  OpenAI: {url}/v1",
+             f"mlx-gemma: playground: {url}/"]
     print("\n".join(lines), file=sys.stderr, flush=True)
 
 

@@ -8,6 +8,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -227,6 +228,50 @@ def test_serve_refuses_a_port_in_use_before_loading():
     assert done.returncode == 2
     assert done.stderr == (f"mlx-gemma: error: cannot listen on 127.0.0.1:{port} (Address already in use): stop the "
                            "program that uses it or pass another --port (or a --host of this machine)\n")
+
+
+@pytest.mark.parametrize("host, url_host", [("127.0.0.1", "127.0.0.1"), ("::1", "[::1]")])
+def test_serve_on_port_0_prints_the_port_it_listens_on(tiny_dir, tmp_path, host, url_host):
+    if host == "::1" and not socket.has_ipv6:
+        pytest.skip("no IPv6 here")
+    server = subprocess.Popen([sys.executable, "-m", "mlx_gemma", "serve", "--model", str(tiny_dir), "--host", host,
+                               "--port", "0", "--data-dir", str(tmp_path)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        lines = iter(server.stderr.readline, "")
+        playground = next(line for line in lines if line.startswith("mlx-gemma: playground: ") or "error" in line)
+        url = playground.removeprefix("mlx-gemma: playground: ").strip()
+        assert url.startswith(f"http://{url_host}:") and not url.endswith(":0/"), playground
+        import httpx
+        for _ in range(200):
+            try:
+                health = httpx.get(f"{url}healthz", timeout=5).json()
+                break
+            except httpx.TransportError:
+                time.sleep(0.05)
+        assert health["status"] == "ok"
+    finally:
+        server.kill()
+        server.wait()
+
+
+@pytest.mark.parametrize("origin", ["http://localhost:3000/", "http://Localhost:3000", "localhost:3000",
+                                    "http://localhost:3000?x=1", '["http://localhost:3000/"]'])
+def test_serve_refuses_an_origin_that_is_not_one_before_loading(origin):
+    done = cli("serve", "--model", "/no/such/model", "--allowed-origins", "*", origin)
+    shown = origin.strip('[]"')
+    assert done.returncode == 2
+    assert done.stderr == (f"mlx-gemma: error: --allowed-origins {shown!r} is not an origin: write it as the browser "
+                           "sends it, such as http://localhost:3000 (lowercase; no path, query or trailing slash), "
+                           "or * for any page\n")
+
+
+def test_allowed_origins_take_vllms_json_list_too():
+    from mlx_gemma.cli import check_origins
+    assert check_origins(["*", "http://localhost:3000", '["https://app.example:8443", "http://[::1]:5173"]']) == [
+        "*", "http://localhost:3000", "https://app.example:8443", "http://[::1]:5173"]
+    with pytest.raises(ValueError, match="a JSON list must hold strings"):
+        check_origins(["[3000]"])
 
 
 def test_a_closed_stdout_ends_quietly(tiny_dir):

@@ -199,3 +199,113 @@ def test_public_paths_stay_public_with_a_slash(guarded: TestClient) -> None:
     assert guarded.get("/healthz/").status_code == 200
     assert guarded.get("/").status_code == 200
     assert guarded.get("/metrics/").status_code == 401
+
+
+# --- body reading, tokenizing and listing ------------------------------------------------------
+
+def _asgi_post(app: Any, path: str, headers: list[tuple[bytes, bytes]], chunks: list[bytes]) -> list[dict]:
+    """POST `chunks` (more to come after each), then the client disconnects; the messages sent back."""
+    incoming = [{"type": "http.request", "body": chunk, "more_body": True} for chunk in chunks]
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        return incoming.pop(0) if incoming else {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "", "headers": headers,
+             "client": ("127.0.0.1", 1), "server": ("t", 80)}
+    asyncio.run(app(scope, receive, send))
+    return sent
+
+
+@pytest.mark.parametrize("route", ["run", "chat", "upload", "create"])
+def test_a_client_gone_part_way_through_its_body_gets_499_not_a_server_error(
+        server_runtime: mlx_gemma.Runtime, tmp_path: Path, caplog: pytest.LogCaptureFixture, route: str) -> None:
+    app = build_app(server_runtime, Settings(data_dir=tmp_path / "data"))
+    json_type = [(b"content-type", b"application/json"), (b"content-length", b"1000")]
+    form_type = [(b"content-type", b"multipart/form-data; boundary=xyz"), (b"content-length", b"1000")]
+    if route == "upload":
+        with TestClient(app) as http:
+            assert http.post(f"{ACCOUNT}/finetunes", json={"model": MODEL, "name": "gone"}).status_code == 200
+    path, headers, chunk = {
+        "run": (RUN, json_type, b'{"prompt": "Hi'),
+        "chat": ("/v1/chat/completions", json_type, b'{"messages": ['),
+        "upload": (f"{ACCOUNT}/finetunes/gone/finetune-assets", form_type, b"--xyz\r\nContent-Disposition: form-da"),
+        "create": (f"{ACCOUNT}/finetunes", json_type, b'{"model": '),
+    }[route]
+    with caplog.at_level("ERROR"):
+        sent = _asgi_post(app, path, headers, [chunk])
+    assert [m["status"] for m in sent if m["type"] == "http.response.start"] == [499]
+    assert [record.getMessage() for record in caplog.records if record.levelname == "ERROR"] == []
+
+
+def test_prompts_are_tokenized_off_the_event_loop(client: TestClient, server_runtime: mlx_gemma.Runtime,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A body of long messages takes about a second to tokenize: on the event loop, every other
+    client's stream would stall for it."""
+    on_loop: list[bool] = []
+    prepare = server_runtime.prepare
+
+    def recording(*args: Any, **kwargs: Any) -> Any:
+        try:
+            asyncio.get_running_loop()
+            on_loop.append(True)
+        except RuntimeError:
+            on_loop.append(False)
+        return prepare(*args, **kwargs)
+
+    monkeypatch.setattr(server_runtime, "prepare", recording)
+    assert client.post(RUN, json={"prompt": "Hi", **GREEDY}).status_code == 200
+    assert client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}],
+                                                     **GREEDY}).status_code == 200
+    assert on_loop == [False, False]
+
+
+def test_public_listing_takes_the_sdks_float_limit_and_offset(client: TestClient) -> None:
+    """The cloudflare SDK types limit and offset as floats, and sends limit=5.0."""
+    assert client.get(f"{ACCOUNT}/finetunes/public?limit=5.0&offset=0.0").json() == envelope([])
+    refused = client.get(f"{ACCOUNT}/finetunes/public?limit=5.5")
+    assert refused.json() == error(5006, "AiError: Bad input: limit='5.5': use a whole number of at least 1")
+    for value in ("nan", "inf", "-1", "x"):
+        assert client.get(f"{ACCOUNT}/finetunes/public?limit={value}").status_code == 400
+
+
+def test_an_unknown_lora_is_named_without_echoing_it_whole(client: TestClient) -> None:
+    response = client.post(RUN, json={"prompt": "Hi", "lora": "L" * 100_000, **GREEDY})
+    message = response.json()["errors"][0]["message"]
+    assert response.status_code == 404 and len(response.content) < 1000
+    assert f"'{'L' * 59}... (100000 characters)" in message
+
+
+# --- CORS ---------------------------------------------------------------------------------------
+
+def test_allowed_origins_may_call_from_a_browser_token_or_not(server_runtime: mlx_gemma.Runtime,
+                                                              tmp_path: Path) -> None:
+    page = "http://localhost:3000"
+    settings = Settings(data_dir=tmp_path / "data", api_token=TOKEN, allowed_origins=[page])
+    with TestClient(build_app(server_runtime, settings), raise_server_exceptions=False) as http:
+        preflight = http.options("/v1/chat/completions", headers={
+            "Origin": page, "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization, content-type"})
+        assert preflight.status_code == 200  # a browser's preflight carries no token
+        assert (preflight.headers["access-control-allow-origin"], preflight.headers["access-control-allow-methods"],
+                preflight.headers["access-control-allow-headers"]) == (page, "GET, POST, DELETE",
+                                                                        "authorization, content-type")
+        answered = http.post(RUN, json={"prompt": "Hi", **GREEDY},
+                             headers={"Origin": page, "Authorization": f"Bearer {TOKEN}"})
+        assert answered.status_code == 200 and answered.headers["access-control-allow-origin"] == page
+        refused = http.post(RUN, json={"prompt": "Hi", **GREEDY}, headers={"Origin": page})
+        assert refused.status_code == 401 and refused.headers["access-control-allow-origin"] == page  # readable
+        other = http.get("/healthz", headers={"Origin": "http://elsewhere.example"})
+        assert "access-control-allow-origin" not in other.headers
+
+
+def test_no_cors_headers_without_allowed_origins(client: TestClient) -> None:
+    preflight = client.options("/v1/chat/completions", headers={"Origin": "http://localhost:3000",
+                                                                "Access-Control-Request-Method": "POST"})
+    assert preflight.status_code == 405 and "access-control-allow-origin" not in preflight.headers
+    answered = client.get("/healthz", headers={"Origin": "http://localhost:3000"})
+    assert "access-control-allow-origin" not in answered.headers

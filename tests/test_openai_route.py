@@ -147,6 +147,33 @@ def test_vllm_fields_at_their_no_op_values_are_taken(client: TestClient, server_
     assert client.post(CHAT, json=body).json()["choices"][0]["message"]["content"] == text
 
 
+def test_null_assistant_content_and_no_op_modalities_are_taken(client: TestClient,
+                                                              server_runtime: mlx_gemma.Runtime) -> None:
+    """OpenAI takes an assistant message with null content (a refusal, a tool call) as empty text."""
+    history = [*HELLO, {"role": "assistant", "content": ""}, *HELLO]
+    text = server_runtime.generate(messages=history, **GREEDY).text
+    for assistant in ({"role": "assistant", "content": None}, {"role": "assistant"}):
+        body = {"messages": [*HELLO, assistant, *HELLO], "modalities": ["text"], "length_penalty": 1.0,
+                "add_special_tokens": False, **GREEDY}
+        assert client.post(CHAT, json=body).json()["choices"][0]["message"]["content"] == text
+    completion = client.post("/v1/completions", json={"prompt": "Hi", "add_special_tokens": True, **GREEDY})
+    assert completion.json()["choices"][0]["text"] == server_runtime.generate(prompt="Hi", raw=True, **GREEDY).text
+
+
+@pytest.mark.parametrize("field", ["max_tokens", "max_completion_tokens"])
+def test_a_max_tokens_past_the_context_is_refused_as_openai_does(client: TestClient, server_runtime: mlx_gemma.Runtime,
+                                                                  field: str) -> None:
+    context = server_runtime.loaded.context_length
+    prompt_tokens = server_runtime.generate(messages=HELLO, **{**GREEDY, "max_tokens": 1}).usage.prompt_tokens
+    message = (f"This model's maximum context length is {context} tokens. However, you requested {context + 1} "
+               f"tokens ({prompt_tokens} in the messages, {context + 1 - prompt_tokens} in the completion): lower "
+               f"{field} to at most {context - prompt_tokens}, or shorten the prompt")
+    body = {"messages": HELLO, **GREEDY, field: context + 1 - prompt_tokens}
+    assert answer(client.post(CHAT, json=body)) == bad(message, field)
+    fits = client.post(CHAT, json={**body, field: context - prompt_tokens, "stop": ["e"]})
+    assert fits.status_code == 200, fits.text
+
+
 def test_continue_final_message_continues_the_assistants_text(client: TestClient,
                                                                server_runtime: mlx_gemma.Runtime) -> None:
     messages = HELLO + [{"role": "assistant", "content": "Water boils"}]
@@ -233,8 +260,36 @@ def test_a_fused_adapter_is_listed_and_retrieved(tiny_dir: Path, tmp_path: Path)
      bad("continue_final_message=True needs the last message to be the assistant's (it is 'user'): end messages "
          "with the assistant text to continue", "messages")),
     (CHAT, {"messages": HELLO + [{"role": "assistant", "content": "Hi"}], "continue_final_message": True},
-     bad("continue_final_message=True continues the model's last turn, which a generation prompt would close: "
-         "send add_generation_prompt=False with it", "messages")),
+     bad("continue_final_message=true continues the assistant's last message, which a generation prompt would "
+         "close: send add_generation_prompt=false with it", "continue_final_message")),
+    (CHAT, {"messages": HELLO, "n": True}, bad("n=True: only 1 is supported; send separate requests", "n")),
+    ("/v1/completions", {"prompt": "Hi", "logprobs": 0}, bad("logprobs not supported by this server", "logprobs")),
+    (CHAT, {"messages": HELLO, "add_special_tokens": True},
+     bad("add_special_tokens=True is not supported by this server: leave it out (or send false)",
+         "add_special_tokens")),
+    ("/v1/completions", {"prompt": "Hi", "add_special_tokens": False},
+     bad("add_special_tokens=False is not supported by this server: leave it out (or send true)",
+         "add_special_tokens")),
+    (CHAT, {"messages": HELLO, "logits_processors": ["my.proc"]},
+     bad("logits_processors=['my.proc'] is not supported by this server: leave it out (or send null)",
+         "logits_processors")),
+    (CHAT, {"messages": HELLO, "length_penalty": 2.0},
+     bad("length_penalty=2.0 is not supported by this server: leave it out (or send 1.0)", "length_penalty")),
+    (CHAT, {"messages": HELLO, "modalities": ["text", "audio"]},
+     bad("modalities=['text', 'audio'] not supported: this model writes text only; send [\"text\"], or leave it out",
+         "modalities")),
+    (CHAT, {"messages": [{"role": "user", "content": [{"type": "text", "text": "Hi"},
+                                                      {"type": "image_url", "image_url": {"url": "x"}}]}]},
+     bad("messages[0].content[1] is of type 'image_url': this model reads text only; send {\"type\": \"text\", "
+         "\"text\": ...} parts", "messages")),
+    (CHAT, {"messages": [{"role": "user", "content": ["Hi"]}]},
+     bad("messages[0].content[0] is 'Hi': send an object such as {\"type\": \"text\", \"text\": \"...\"}",
+         "messages")),
+    (CHAT, {"messages": [{"role": "user", "content": [{"type": "text", "text": None}]}]},
+     bad("messages[0].content[0].text is None: give the text as a string", "messages")),
+    (CHAT, {"model": "m" * 1000, "messages": HELLO},
+     openai_error(404, f"The model '{'m' * 59}... (1000 characters) does not exist: use one of {MODEL}, MODEL_NAME "
+                       "or a fine-tune's name", "model", "model_not_found")),
     (CHAT, {"messages": HELLO, "add_generation_prompt": "no"},
      bad("add_generation_prompt='no': give true or false (a JSON boolean), or leave it out", "add_generation_prompt")),
     ("/v1/completions", {"prompt": "Hi", "continue_final_message": True},

@@ -10,7 +10,9 @@ With `settings.api_token`, every route but /healthz and the playground's page an
 `WWW-Authenticate: Bearer`). Every ApiError becomes the Workers AI error envelope with its status
 (OpenAI's error object under a /v1/ path); a 404 or 405 from routing becomes the same envelope (codes
 7000 and 7001), and a 405 carries `Allow` naming every method served at that path. An unexpected
-exception becomes a 500 envelope and is logged, and the server keeps serving.
+exception becomes a 500 envelope and is logged, and the server keeps serving. With
+`settings.allowed_origins` (`serve --allowed-origins`), scripts on those pages may call every route
+from a browser (CORS, preflight included, before the token check); without, no CORS header is sent.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Match, Mount, Route
@@ -156,5 +159,8 @@ def build_app(runtime: Runtime, settings: Settings, store: FinetuneStore | None 
     app.state.service = Service(runtime, settings, store)
     if settings.api_token:
         app.add_middleware(BearerAuth, token=settings.api_token)
+    if settings.allowed_origins:  # outside the token check: a browser's preflight carries no token
+        app.add_middleware(CORSMiddleware, allow_origins=settings.allowed_origins, allow_headers=["*"],
+                           allow_methods=["GET", "POST", "DELETE"], max_age=3600)
     app.add_middleware(StripTrailingSlash)  # added last, so it runs first: auth sees the stripped path
     return app

@@ -7,20 +7,22 @@ Contract: the shapes of OpenAI's API as the `openai` SDK reads them. `model` nam
 answer is the one `model` set to that adapter gives; `lora` beside a `model` that names an
 adapter, or a `lora` that is not a string, is refused (400). Sampling fields: max_tokens (or
 max_completion_tokens), temperature, top_p, seed, frequency_penalty, presence_penalty, and as
-in vLLM top_k and repetition_penalty. Without max_tokens a chat completion runs until it stops
-or fills the context (as vLLM) and a completion stops at 16 tokens (as OpenAI). As in vLLM, a
+in vLLM top_k and repetition_penalty. Without max_tokens a chat completion runs until it stops or
+fills the context (as vLLM) and a completion stops at 16 tokens (as OpenAI); a max_tokens that
+does not fit in the context beside the prompt is refused (400, as OpenAI and vLLM). As in vLLM, a
 top_k of 0 or less means no top-k; integral numbers such as 8.0 count as integers. Any integer
 seed is taken (`sampler_seed`): 1 to 2**32 is the same seed as on the Workers AI route, and
 distinct seeds from -(2**32 - 1) to 5705032703 give distinct samples; larger ones fold into the
-sampler's range. Other values outside the Workers AI schema's limits are refused (penalties
-below 0 among them). Fields sent as null count as unset. `developer` messages are system
-messages; a message's text parts are joined with newlines. echo, suffix, logprobs, n or best_of
-other than 1, a response_format other than text, and a tool_choice or function_call other than
-"none" or "auto" are refused rather than ignored, and so is stream_options without stream; so are
+sampler's range. Other values outside the Workers AI schema's limits are refused (penalties below
+0 among them). Fields sent as null count as unset. `developer` messages are system messages; a
+message's text parts are joined with newlines (other parts are refused); an assistant message's
+null content is empty text. echo, suffix, logprobs, n or best_of other than 1, a response_format
+other than text, and a tool_choice or function_call other than "none" or "auto" are refused rather
+than ignored, and so are stream_options without stream and modalities other than ["text"]; so are
 vLLM's own fields that are not applied (min_p, min_tokens, ignore_eos, stop_token_ids, guided
-decoding, a chat_template, ...: `VLLM_DEFAULTS`) unless sent with the value that changes nothing;
-chat_template_kwargs is taken and unused, as Gemma's template reads none. As in vLLM,
-chat completions take continue_final_message (the answer continues the last, assistant,
+decoding, a chat_template, add_special_tokens, ...: `VLLM_DEFAULTS`) unless sent with the value
+that changes nothing; chat_template_kwargs is taken and unused, as Gemma's template reads none. As
+in vLLM, chat completions take continue_final_message (the answer continues the last, assistant,
 message) and add_generation_prompt (default true).
 `/v1/completions` tokenizes the prompt as given (no chat template). `stop` strings end
 the text before the stop string. Streams end with `data: [DONE]`; with
@@ -68,7 +70,10 @@ VLLM_DEFAULTS: dict[str, Any] = {"min_p": 0, "min_tokens": 0, "ignore_eos": Fals
                                  "use_beam_search": False, "prompt_logprobs": None, "guided_json": None,
                                  "guided_regex": None, "guided_choice": None, "guided_grammar": None,
                                  "structured_outputs": None, "allowed_token_ids": None, "bad_words": [],
-                                 "truncate_prompt_tokens": None, "chat_template": None}
+                                 "truncate_prompt_tokens": None, "chat_template": None, "logits_processors": None,
+                                 "length_penalty": 1.0, "audio": None}
+# add_special_tokens: vLLM's chat template adds BOS itself (false), a completion's prompt gets it (true)
+ADD_SPECIAL_TOKENS = {True: False, False: True}
 NO_TOOL_CHOICES = (None, "none", "auto")  # what tool_choice and function_call may be without tools
 INTEGER_FIELDS = ("max_tokens", "max_completion_tokens", "top_k", "seed")
 SEED_RANGE = 9999999999  # the sampler's seeds, as the Workers AI schema's: 1..SEED_RANGE
@@ -140,14 +145,14 @@ async def resolve_model(service: Service, model: Any) -> str | None:
     if model is None or model in service.served_models():
         return None
     if not isinstance(model, str):
-        raise bad_field("model", f"model must be a string, got {model!r}")
+        raise bad_field("model", f"model must be a string, got {shortened(model)}")
     with about("model"):
         try:
             return await service.resolve_lora(model)
         except ApiError as exc:
             if exc.status != 404:
                 raise
-            raise ApiError(404, 3037, f"The model {model!r} does not exist: use one of "
+            raise ApiError(404, 3037, f"The model {shortened(model)} does not exist: use one of "
                                       f"{', '.join(service.served_models())} or a fine-tune's name") from None
 
 
@@ -177,20 +182,25 @@ def sampler_seed(seed: int) -> int:
     return 2 * SHARED_SEEDS + 1 + (seed - SHARED_SEEDS - 1) % FOLDED_SEEDS
 
 
-def sampling(body: dict[str, Any], default_max_tokens: int) -> dict[str, Any]:
+def sampling(body: dict[str, Any], default_max_tokens: int, chat: bool = True) -> dict[str, Any]:
     """Sampler arguments from the body; null means unset, as in OpenAI's API. A bad value is a FieldError."""
-    _refuse_unsupported(body)
+    _refuse_unsupported(body, chat)
     body = {key: integral(body[key]) if key in INTEGER_FIELDS else body[key] for key in body}
     args = {key: body[key] for key in SAMPLING_FIELDS if body.get(key) is not None}
     if _is_int(args.get("top_k")) and args["top_k"] <= 0:
         del args["top_k"]  # vLLM's -1 (and 0): no top-k
     if _is_int(args.get("seed")):
         args["seed"] = sampler_seed(args["seed"])  # OpenAI takes any integer seed
-    given = next((key for key in ("max_completion_tokens", "max_tokens") if body.get(key) is not None), None)
+    given = max_tokens_field(body)
     args["max_tokens"] = default_max_tokens if given is None else body[given]
     args.setdefault("temperature", 1.0)  # OpenAI's default
     _check_sampling(args, given or "max_tokens")
     return args
+
+
+def max_tokens_field(body: dict[str, Any]) -> str | None:
+    """The field that sets max_tokens: max_completion_tokens wins over max_tokens; None when neither is set."""
+    return next((key for key in ("max_completion_tokens", "max_tokens") if body.get(key) is not None), None)
 
 
 def _check_sampling(args: dict[str, Any], max_tokens_field: str) -> None:
@@ -206,30 +216,40 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)  # false is no seed 0, nor a top_k
 
 
-def _refuse_unsupported(body: dict[str, Any]) -> None:
+def _refuse_unsupported(body: dict[str, Any], chat: bool) -> None:
     unsupported = {key: label for key, label in NOT_SUPPORTED.items() if body.get(key)}
     logprobs = body.get("logprobs")
-    if (logprobs is not None and logprobs is not False) or body.get("top_logprobs") is not None:
-        # logprobs: 0 on /v1/completions asks for the sampled tokens' logprobs
-        unsupported["logprobs" if logprobs not in (None, False) else "top_logprobs"] = "logprobs"
+    asked = logprobs is not None and logprobs is not False  # logprobs: 0 on /v1/completions asks for them too
+    if asked or body.get("top_logprobs") is not None:
+        unsupported["logprobs" if asked else "top_logprobs"] = "logprobs"
     if unsupported:
         raise bad_field(next(iter(unsupported)), f"{', '.join(unsupported.values())} not supported by this server")
     _refuse_tool_choice(body)
-    _refuse_vllm_extras(body)
+    _refuse_vllm_extras(body, chat)
+    _refuse_modalities(body)
     for count in ("n", "best_of"):
-        if body.get(count) not in (None, 1):
-            raise bad_field(count, f"{count}={body[count]!r}: only 1 is supported; send separate requests")
+        value = body.get(count)
+        if value is not None and not (_is_int(integral(value)) and integral(value) == 1):
+            raise bad_field(count, f"{count}={shortened(value)}: only 1 is supported; send separate requests")
     response_format = body.get("response_format")
     if response_format not in (None, {"type": "text"}):
         raise bad_field("response_format",
                         f"response_format={response_format!r:.80} not supported: only {{\"type\": \"text\"}}")
 
 
-def _refuse_vllm_extras(body: dict[str, Any]) -> None:
-    for key, default in VLLM_DEFAULTS.items():
+def _refuse_vllm_extras(body: dict[str, Any], chat: bool) -> None:
+    for key, default in {**VLLM_DEFAULTS, "add_special_tokens": ADD_SPECIAL_TOKENS[chat]}.items():
         if body.get(key) not in (None, default):
             raise bad_field(key, f"{key}={body[key]!r:.80} is not supported by this server: leave it out "
                                  f"(or send {json.dumps(default)})")
+
+
+def _refuse_modalities(body: dict[str, Any]) -> None:
+    """OpenAI's output modalities: text is the only one this model writes."""
+    modalities = body.get("modalities")
+    if modalities is not None and modalities != ["text"]:
+        raise bad_field("modalities", f"modalities={modalities!r:.80} not supported: this model writes text only; "
+                                      'send ["text"], or leave it out')
 
 
 def _refuse_tool_choice(body: dict[str, Any]) -> None:
@@ -244,7 +264,7 @@ def stop_strings(body: dict[str, Any]) -> list[str]:
     stop = body.get("stop")
     stops = [stop] if isinstance(stop, str) else stop or []
     if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops) or len(stops) > 4:
-        raise bad_field("stop", f"stop={stop!r}: give a string or a list of at most 4 non-empty strings")
+        raise bad_field("stop", f"stop={shortened(stop)}: give a string or a list of at most 4 non-empty strings")
     return stops
 
 
@@ -318,7 +338,7 @@ async def generate(request: Request, chat: bool) -> Response:
     body = await read_json(request)
     lora = await resolve_adapter(service, body)
     model = body.get("model") or service.served_models()[0]
-    ids, params = _prepared(service, lora, body, chat)
+    ids, params = await _prepared(service, lora, body, chat)
     stops = stop_strings(body)
     streaming = flag(body, "stream")
     include_usage = flag(stream_options(body, streaming), "include_usage", "stream_options")
@@ -336,15 +356,29 @@ async def generate(request: Request, chat: bool) -> Response:
     return JSONResponse((chat_body if chat else completion_body)(text, stream, meta))
 
 
-def _prepared(service: Service, lora: str | None, body: dict[str, Any],
+async def _prepared(service: Service, lora: str | None, body: dict[str, Any],
               chat: bool) -> tuple[list[int], GenerationParams]:
     """Prompt ids and generation parameters. Unset max_tokens: a chat runs to a stop or a full context
     (as vLLM), a completion stops at 16 tokens (as OpenAI)."""
     text_args = _text_args(body, chat)
     default_max_tokens = service.runtime.loaded.context_length if chat else COMPLETION_MAX_TOKENS
-    args = sampling(body, default_max_tokens)
+    args = sampling(body, default_max_tokens, chat)
     with about("messages" if chat else "prompt"):  # the sampling values are checked: what is left is the text
-        return service.prepare(lora, **text_args, **args)
+        ids, params = await service.prepare(lora, **text_args, **args)
+    given = max_tokens_field(body)
+    if given is not None:
+        _check_fits(len(ids), args["max_tokens"], service.runtime.loaded.context_length, given,
+                    "messages" if chat else "prompt")
+    return ids, params
+
+
+def _check_fits(prompt_tokens: int, max_tokens: int, context_length: int, field: str, text: str) -> None:
+    """A max_tokens the context cannot hold is refused, as OpenAI and vLLM do (unset, it fills the context)."""
+    if prompt_tokens + max_tokens > context_length:
+        raise bad_field(field, f"This model's maximum context length is {context_length} tokens. However, you "
+                               f"requested {prompt_tokens + max_tokens} tokens ({prompt_tokens} in the "
+                               f"{text}, {max_tokens} in the completion): lower "
+                               f"{field} to at most {max(context_length - prompt_tokens, 0)}, or shorten the prompt")
 
 
 async def _joined(pieces: AsyncIterator[str]) -> str:
@@ -357,7 +391,7 @@ def _text_args(body: dict[str, Any], chat: bool) -> dict[str, Any]:
         if "messages" not in body:
             raise bad_field("messages", 'messages is required: a list of {"role", "content"} objects')
         messages = body["messages"]
-        return {"messages": [_flatten_content(m) for m in messages] if isinstance(messages, list) else messages,
+        return {"messages": [_flatten_content(i, m) for i, m in enumerate(messages)] if isinstance(messages, list) else messages,
                 **template}
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
@@ -375,17 +409,39 @@ def _template_args(body: dict[str, Any], chat: bool) -> dict[str, bool]:
         field = "continue_final_message" if continued else "add_generation_prompt"
         raise bad_field(field, f"{field} shapes the chat template, which /v1/completions does not use: "
                                "send it to /v1/chat/completions, or leave it out")
+    if continued and opened:  # as vLLM: add_generation_prompt defaults to true, so it must be sent false
+        raise bad_field("continue_final_message", "continue_final_message=true continues the assistant's last "
+                                                  "message, which a generation prompt would close: send "
+                                                  "add_generation_prompt=false with it")
     return {"continue_final_message": continued, "add_generation_prompt": opened}
 
 
-def _flatten_content(message: Any) -> Any:
+def _flatten_content(index: int, message: Any) -> Any:
     """OpenAI content parts [{"type": "text", "text": ...}] -> one string, the parts joined with newlines
-    (as vLLM does); other shapes pass to validation."""
-    if isinstance(message, dict) and isinstance(message.get("content"), list):
-        parts = message["content"]
-        if all(isinstance(p, dict) and p.get("type") == "text" for p in parts):
-            return {**message, "content": "\n".join(str(p.get("text", "")) for p in parts)}
-    return message
+    (as vLLM does); an assistant message's null or missing content -> "" (as OpenAI takes it, say beside
+    a refusal); other shapes pass to validation. A part that is not text is refused by its index."""
+    if not isinstance(message, dict):
+        return message
+    if message.get("role") == "assistant" and message.get("content") is None:
+        return {**message, "content": ""}
+    parts = message.get("content")
+    if not isinstance(parts, list):
+        return message
+    for part_index, part in enumerate(parts):
+        _check_text_part(f"messages[{index}].content[{part_index}]", part)
+    return {**message, "content": "\n".join(p["text"] for p in parts)}
+
+
+def _check_text_part(where: str, part: Any) -> None:
+    """A content part this model reads: {"type": "text", "text": "..."}."""
+    if not isinstance(part, dict):
+        raise bad_field("messages", f"{where} is {shortened(part, 40)}: send an object such as "
+                                    '{"type": "text", "text": "..."}')
+    if part.get("type") != "text":
+        raise bad_field("messages", f"{where} is of type {shortened(part.get('type'), 40)}: this model reads "
+                                    'text only; send {"type": "text", "text": ...} parts')
+    if not isinstance(part.get("text"), str):
+        raise bad_field("messages", f"{where}.text is {shortened(part.get('text'), 40)}: give the text as a string")
 
 
 def chat_body(text: str, stream: AsyncTextStream, meta: dict[str, Any]) -> dict[str, Any]:
@@ -455,7 +511,7 @@ async def model(request: Request) -> Response:
         finetune = await asyncio.to_thread(_finetune_or_none, service, name)
         row = next((row for row in rows if finetune and row["id"] == finetune.name), None)  # listed: complete
     if row is None:
-        missing = ApiError(404, 3037, f"The model {name!r} does not exist: GET /v1/models lists the served ones")
+        missing = ApiError(404, 3037, f"The model {shortened(name)} does not exist: GET /v1/models lists the served ones")
         raise FieldError(missing, "model")
     return JSONResponse(row)
 

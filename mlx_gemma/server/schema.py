@@ -43,11 +43,11 @@ def bad_input(message: str) -> ApiError:
 
 
 def unknown_model(model: str, served: list[str]) -> ApiError:
-    return ApiError(400, 5007, f"AiError: No such model {model!r}: this server serves {', '.join(served)}")
+    return ApiError(400, 5007, f"AiError: No such model {shortened(model)}: this server serves {', '.join(served)}")
 
 
 def finetune_not_found(value: str) -> ApiError:
-    return ApiError(404, 3037, f"AiError: Finetune not found: no fine-tune has the id or name {value!r} "
+    return ApiError(404, 3037, f"AiError: Finetune not found: no fine-tune has the id or name {shortened(value)} "
                                "(list them with GET /client/v4/accounts/{account_id}/ai/finetunes)")
 
 

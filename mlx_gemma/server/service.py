@@ -19,6 +19,8 @@ Contract:
 from __future__ import annotations
 
 import asyncio
+import functools
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -33,6 +35,8 @@ from .schema import ApiError, bad_input, finetune_incomplete, finetune_not_found
 
 T = TypeVar("T")
 FINETUNE_KEY = "finetune:"
+# The thread that validates and tokenizes requests for every server of the process, off the event loop
+PREPARING = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlx-gemma-prepare")
 
 
 def workers_ai_names(runtime: Runtime) -> list[str]:
@@ -49,6 +53,7 @@ class Settings:
     max_body_bytes: int = 4 * 1024 * 1024
     max_upload_bytes: int = 300 * 1024 * 1024
     served_names: list[str] = field(default_factory=list)
+    allowed_origins: list[str] = field(default_factory=list)  # CORS: pages whose scripts may call the server
 
 
 def adapter_changed(lora: str) -> ApiError:
@@ -195,9 +200,13 @@ class Service:
     def _versions(self, finetune_id: str) -> list[str]:
         return [name for name in self.runtime.registry.names() if name.startswith(f"{FINETUNE_KEY}{finetune_id}:")]
 
-    def prepare(self, lora: str | None, **request: Any) -> tuple[list[int], GenerationParams]:
+    async def prepare(self, lora: str | None, **request: Any) -> tuple[list[int], GenerationParams]:
+        """Validate and tokenize off the event loop: a body of long messages takes a second to tokenize,
+        and every other client's stream would wait for it. One thread does it for every request, so
+        the process's memory does not spread over one allocator arena per pool thread."""
+        prepare = functools.partial(self.runtime.prepare, lora=lora, **request)
         try:
-            return self.runtime.prepare(lora=lora, **request)
+            return await asyncio.get_running_loop().run_in_executor(PREPARING, prepare)
         except ValueError as exc:
             if lora is not None and lora.startswith(FINETUNE_KEY) and lora not in self.runtime.registry.names():
                 raise adapter_changed(lora) from None  # re-uploaded or deleted since resolve_lora

@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 
@@ -90,13 +90,7 @@ async def read_body(request: Request, limit: int) -> bytes:
     declared = int(request.headers.get("content-length") or 0)
     if declared > limit:
         raise too_large(declared, limit)
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise too_large(size, limit)
-        chunks.append(chunk)
-    return b"".join(chunks)
+    return b"".join([chunk async for chunk in _limited(request.stream(), limit)])
 
 
 async def read_json(request: Request) -> dict[str, Any]:
@@ -147,7 +141,7 @@ async def run(request: Request) -> Response:
     service.check_model(request.path_params["model"])
     body = validate_run_body(await read_json(request))
     lora = await service.resolve_lora(body.get("lora"))
-    ids, params = service.prepare(lora, **run_fields(body))
+    ids, params = await service.prepare(lora, **run_fields(body))
     stream = service.open_stream(ids, params, lora)
     if body.get("stream"):
         pieces = await while_connected(request, stream, started(stream))
@@ -173,6 +167,7 @@ async def run_events(stream: AsyncTextStream, pieces: AsyncIterator[str]) -> Asy
     yield sse("[DONE]")
 
 
+@unless_gone
 async def create_finetune(request: Request) -> Response:
     service = service_of(request)
     body = await read_json(request)
@@ -231,9 +226,13 @@ def _count_query(request: Request, name: str, least: int) -> int | None:
     text = request.query_params.get(name)
     if text is None:
         return None
-    if not text.isdigit() or int(text) < least:
+    try:
+        number = float(text)  # the cloudflare SDK sends limit and offset as floats: 5.0
+    except ValueError:
+        number = float("nan")
+    if not number.is_integer() or number < least:
         raise bad_input(f"{name}={text!r:.40}: use a whole number of at least {least}")
-    return int(text)
+    return int(number)
 
 
 async def get_finetune(request: Request) -> Response:
@@ -250,6 +249,7 @@ async def delete_finetune(request: Request) -> Response:
     return JSONResponse(success(finetune.to_dict()))
 
 
+@unless_gone
 async def upload_asset(request: Request) -> Response:
     service = service_of(request)
     finetune = await asyncio.to_thread(service.find_finetune, request.path_params["finetune"])
@@ -287,12 +287,17 @@ async def _read_asset_form(request: Request, limit: int) -> tuple[str, UploadFil
 
 
 async def _limited(chunks: AsyncIterator[bytes], limit: int) -> AsyncIterator[bytes]:
+    """The body's chunks, refused with 3006 as soon as they pass `limit` bytes; a client that leaves
+    part way is ClientGone (an empty 499), not a server error."""
     size = 0
-    async for chunk in chunks:
-        size += len(chunk)
-        if size > limit:
-            raise too_large(size, limit)
-        yield chunk
+    try:
+        async for chunk in chunks:
+            size += len(chunk)
+            if size > limit:
+                raise too_large(size, limit)
+            yield chunk
+    except ClientDisconnect:
+        raise ClientGone() from None
 
 
 def routes() -> list[BaseRoute]:
