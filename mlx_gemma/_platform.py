@@ -31,7 +31,7 @@ SPIN_CYCLES_LOG2 = "4"  # OpenBLAS's smallest thread timeout: idle workers sleep
 
 def _find_openblas() -> str | None:
     choice = os.environ.get("MLX_GEMMA_OPENBLAS", "")
-    if choice:
+    if choice and choice.lower() not in ("1", "true", "yes", "on"):  # those mean: find it as usual
         return choice
     found = [p for p in _CANDIDATES if os.path.exists(p)]
     return found[0] if found else ctypes.util.find_library("openblas")

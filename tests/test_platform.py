@@ -51,6 +51,13 @@ def test_a_thread_timeout_set_by_the_user_is_kept():
     assert timeout == "b'12'"
 
 
+@needs_openblas
+@pytest.mark.parametrize("value", ["1", "true", "yes"])
+def test_openblas_turned_on_by_name_is_found_as_usual(value):
+    note, timeout = probe(MLX_GEMMA_OPENBLAS=value)
+    assert note == f"OpenBLAS preloaded from {_platform._find_openblas()}" and timeout == "b'4'"
+
+
 @pytest.mark.skipif(not _platform.is_linux(), reason="OpenBLAS is preloaded on Linux only")
 def test_with_openblas_turned_off_the_environment_is_left_alone():
     note, timeout = probe(MLX_GEMMA_OPENBLAS="0")
