@@ -30,7 +30,7 @@ LORA_MODELS = ("@cf/google/gemma-2b-it-lora", "@cf/google/gemma-7b-it-lora")  # 
 
 def _messages_arg(value: str) -> list[dict[str, Any]]:
     try:
-        text = Path(value[1:]).expanduser().read_text() if value.startswith("@") else value
+        text = Path(value[1:]).expanduser().read_text(encoding="utf-8-sig") if value.startswith("@") else value
     except (OSError, UnicodeDecodeError) as exc:
         why = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
         raise argparse.ArgumentTypeError(f"cannot read {value[1:]!r} ({why}): pass an existing JSON file "
@@ -47,6 +47,18 @@ def _port_arg(value: str) -> int:
     if not 0 <= port <= 65535:
         raise argparse.ArgumentTypeError(f"{value!r} is not a port: use a number from 0 to 65535 (0 picks a free one)")
     return port
+
+
+def add_rank_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-adapter-rank", type=_positive_arg, default=32,
+                        help="largest LoRA rank accepted (default 32, as Workers AI)")
+
+
+def _positive_arg(value: str) -> int:
+    number = int(value) if re.fullmatch(r"\s*\d+\s*", value) else 0
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"{value!r}: give a positive whole number")
+    return number
 
 
 def add_model_flags(parser: argparse.ArgumentParser) -> None:
@@ -104,15 +116,12 @@ def check_dir_flag(flag: str, path: Path) -> None:
 def bind(host: str, port: int) -> socket.socket:
     """The socket uvicorn will serve on, bound (as uvicorn binds) before a model loads: a taken port
     fails at once, and port 0's free port is known for the URLs the server prints."""
-    sock = None
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)  # as uvicorn: localhost is 127.0.0.1
     try:
-        family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-        sock = socket.socket(family)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(address)
+        sock.bind((host, port))
     except OSError as exc:  # socket.gaierror (an unknown host) too
-        if sock is not None:
-            sock.close()
+        sock.close()
         raise ValueError(f"cannot listen on {host}:{port} ({exc.strerror or exc}): stop the program that uses "
                          "it or pass another --port (or a --host of this machine)") from None
     return sock
@@ -152,7 +161,7 @@ def add_serve_parser(commands: Any) -> None:
     serve.add_argument("--max-batch", type=int, default=8, help="rows decoded together")
     serve.add_argument("--max-queue", type=int, default=64, help="requests that may wait; more get 429")
     serve.add_argument("--max-resident-adapters", type=int, default=8)
-    serve.add_argument("--max-adapter-rank", type=int, default=32, help="largest LoRA rank accepted (default 32)")
+    add_rank_flag(serve)
     serve.add_argument("--max-upload-mb", type=int, default=300, help="largest fine-tune file accepted (default 300)")
     serve.add_argument("--allowed-origins", nargs="+", default=[], metavar="ORIGIN",
                        help="web pages (e.g. http://localhost:3000, or *) whose scripts may call the server "
@@ -169,6 +178,7 @@ def add_finetune_parser(commands: Any) -> None:
     create.add_argument("folder", type=Path, help="folder with adapter_config.json and adapter_model.safetensors")
     create.add_argument("--description", default="")
     create.add_argument("--public", action="store_true")
+    add_rank_flag(create)
     listing = actions.add_parser("list", help="list the stored fine-tunes")
     listing.add_argument("--json", action="store_true", help="print JSON instead of a table")
     delete = actions.add_parser("delete", help="delete a fine-tune by id or name")
@@ -203,11 +213,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--raw", action="store_true", help="tokenize the prompt as given (no chat template)")
     gen.add_argument("--adapter", help="a LoRA adapter directory (PEFT or mlx-lm files) to apply")
     gen.add_argument("--fuse", action="store_true", help="merge --adapter into the weights instead")
+    add_rank_flag(gen)
     add_sampling_flags(gen)
     gen.set_defaults(func=cmd_generate)
     fuse = commands.add_parser("fuse", help="merge a LoRA adapter into a model and write a checkpoint")
     add_model_flags(fuse)
     fuse.add_argument("--adapter", required=True, help="the LoRA adapter directory")
+    add_rank_flag(fuse)
     fuse.add_argument("--out", required=True, help="directory for the fused checkpoint")
     fuse.set_defaults(func=cmd_fuse)
     add_finetune_parser(commands)
@@ -252,6 +264,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
 def check_serve_flags(args: argparse.Namespace, adapters: dict[str, str]) -> socket.socket:
     """Everything `serve` can refuse before the model loads; fills in args.data_dir and returns the
     socket to serve on."""
+    names = [name for name, _ in args.adapter]
+    if len(adapters) < len(names):
+        twice = next(name for name in names if names.count(name) > 1)
+        raise ValueError(f"--adapter {twice}= is given twice: give each adapter its own name")
     for name in ("max_batch", "max_queue", "max_resident_adapters", "max_adapter_rank", "max_upload_mb"):
         value = getattr(args, name)
         if value < 1:
@@ -315,7 +331,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
 
     data_dir = args.data_dir or default_data_dir()
     check_dir_flag("--data-dir", data_dir)
-    store = FinetuneStore(data_dir)
+    store = FinetuneStore(data_dir, validate=_files_check(getattr(args, "max_adapter_rank", None)))
     if args.action == "create":
         finetune = _create_finetune(store, args)
         print(f"created fine-tune {finetune.name} ({finetune.id}) for {finetune.model} in {store.data_dir}")
@@ -326,6 +342,15 @@ def cmd_finetune(args: argparse.Namespace) -> None:
         print(json.dumps([f.to_dict() for f in store.list()], indent=2))
     else:
         _print_finetunes(store.list())
+
+
+def _files_check(max_rank: int | None) -> Any:
+    """What `finetune create` checks without a base model: the files, with the rank limit given."""
+    from .lora.adapters import AdapterLimits, check_adapter_files
+
+    if max_rank is None:
+        return None
+    return lambda staging: check_adapter_files(staging, None, AdapterLimits(max_rank=max_rank))
 
 
 def _create_finetune(store: Any, args: argparse.Namespace) -> Any:
@@ -367,7 +392,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
     name = adapter_name(args.adapter) if args.adapter else None
     adapters = {name: args.adapter} if name else None
     fuse = name if args.fuse else None
-    runtime = mlx_gemma.load(args.model, adapters=adapters, dtype=args.dtype, quantize=args.quantize, fuse=fuse)
+    runtime = mlx_gemma.load(args.model, adapters=adapters, dtype=args.dtype, quantize=args.quantize, fuse=fuse,
+                             max_adapter_rank=args.max_adapter_rank)
     print(f"[{runtime!r}; {_platform.startup_note(runtime.loaded.dtype)}]", file=sys.stderr)
     lora = None if args.fuse else name
     start = time.perf_counter()
@@ -388,12 +414,16 @@ def cmd_fuse(args: argparse.Namespace) -> None:
     import mlx_gemma
     from .loading import check_checkpoint_target, save_checkpoint
 
+    if args.quantize:
+        raise ValueError(f"--quantize {args.quantize}: fuse writes dense weights, so quantizing the base first "
+                         "would only add its rounding error to them; fuse without it, then quantize the result "
+                         "(mlx-gemma serve --model OUT --quantize 4, or mlx_lm.convert -q)")
     check_dir_flag("--out", Path(args.out))
     check_checkpoint_target(args.out)  # before the model loads: a full --out fails at once
     resolve_model(args)
     name = adapter_name(args.adapter)
     runtime = mlx_gemma.load(args.model, adapters={name: args.adapter}, dtype=args.dtype,
-                             quantize=args.quantize, fuse=name)
+                             quantize=args.quantize, fuse=name, max_adapter_rank=args.max_adapter_rank)
     out = save_checkpoint(runtime.loaded, runtime.model, args.out)
     fused = runtime.fused
     print(f"wrote {out}: adapter {name} ({fused['format']}, rank {fused['rank']}, {fused['modules']} layers) "

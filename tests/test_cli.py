@@ -90,6 +90,47 @@ def test_fuse_writes_a_plain_checkpoint(tiny_dir, tmp_path):
     np.testing.assert_allclose(fused.logits(reference["ids_0"].tolist()), reference["logits_0"], atol=1e-4)
 
 
+def test_fuse_keeps_the_chat_template_file(tiny_dir, tmp_path):
+    """transformers and mlx-lm now save the template as chat_template.jinja: a fused copy keeps it."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_dir, model)
+    template = "{% for message in messages %}{{ message['content'] }}{% endfor %}"
+    (model / "chat_template.jinja").write_text(template)
+    done = cli("fuse", "--model", str(model), "--adapter", ADAPTER, "--out", str(tmp_path / "fused"))
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "fused" / "chat_template.jinja").read_text() == template
+
+
+def test_fuse_refuses_quantize_before_loading(tmp_path):
+    done = cli("fuse", "--model", "/no/such/model", "--adapter", ADAPTER, "--out", str(tmp_path / "f"),
+               "--quantize", "4")
+    assert done.returncode == 2 and not (tmp_path / "f").exists()
+    assert done.stderr == ("mlx-gemma: error: --quantize 4: fuse writes dense weights, so quantizing the base first "
+                           "would only add its rounding error to them; fuse without it, then quantize the result "
+                           "(mlx-gemma serve --model OUT --quantize 4, or mlx_lm.convert -q)\n")
+
+
+def test_serve_refuses_an_adapter_name_given_twice_before_loading():
+    done = cli("serve", "--model", "/no/such/model", "--adapter", f"sql={ADAPTER}", "--adapter", f"sql={ADAPTER}")
+    assert done.returncode == 2
+    assert done.stderr == "mlx-gemma: error: --adapter sql= is given twice: give each adapter its own name\n"
+
+
+def test_messages_file_with_a_byte_order_mark_is_read(tiny_dir, tmp_path):
+    messages = tmp_path / "messages.json"
+    messages.write_text('[{"role": "user", "content": "Hi"}]', encoding="utf-8-sig")
+    done = cli("generate", "--model", str(tiny_dir), "--messages", f"@{messages}", "--max-tokens", "2")
+    assert done.returncode == 0, done.stderr
+
+
+def test_a_corrupt_fine_tune_database_is_one_line(tmp_path):
+    (tmp_path / "finetunes.sqlite3").write_bytes(b"this is not a database" * 100)
+    done = cli("finetune", "list", "--data-dir", str(tmp_path))
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.startswith(f"mlx-gemma: error: {tmp_path / 'finetunes.sqlite3'} cannot be used as the "
+                                  "fine-tune database (file is not a database): move it aside")
+
+
 def test_fuse_refuses_a_directory_that_holds_files_and_leaves_it_as_it_was(tiny_dir, tmp_path):
     """Old shards or an index beside the new weights would be what a loader reads."""
     out = tmp_path / "out"
@@ -299,3 +340,21 @@ def test_openblas_turned_off_is_said_so(tiny_dir):
                env={"MLX_GEMMA_OPENBLAS": "0"})
     assert done.returncode == 0, done.stderr
     assert "Linux CPU fast path off: float32 weights, OpenBLAS turned off by MLX_GEMMA_OPENBLAS=0" in done.stderr
+
+
+def test_the_rank_limit_is_a_flag_of_every_command_that_reads_adapters(tiny_dir, tmp_path):
+    """finetune create used to store an adapter over the server's rank limit, which then failed on
+    every request; generate and fuse pointed at a serve flag they did not have."""
+    over = ("rank 8 is over the limit of 4: train with r <= 4 (Workers AI's limit is 32), or raise the limit "
+            "(--max-adapter-rank of mlx-gemma serve, generate, fuse and finetune create; max_adapter_rank= in Python)")
+    store = ["--data-dir", str(tmp_path / "store")]
+    created = cli("finetune", "create", "@cf/google/gemma-2b-it-lora", "r8", ADAPTER, "--max-adapter-rank", "4", *store)
+    assert created.returncode == 2 and over in created.stderr, created.stderr
+    assert cli("finetune", "list", *store).stdout == "no fine-tunes\n"
+    generated = cli("generate", "--model", str(tiny_dir), "--adapter", ADAPTER, "--prompt", "Hi", "--max-adapter-rank",
+                    "4")
+    assert generated.returncode == 2 and over in generated.stderr, generated.stderr
+    fused = cli("fuse", "--model", str(tiny_dir), "--adapter", ADAPTER, "--out", str(tmp_path / "f"),
+                "--max-adapter-rank", "8")
+    assert fused.returncode == 0, fused.stderr
+    assert cli("finetune", "create", "@cf/google/gemma-2b-it-lora", "r8", ADAPTER, *store).returncode == 0

@@ -186,8 +186,8 @@ def test_the_server_limits_reach_adapter_validation(tiny_dir: Path, tmp_path: Pa
     assert response.status_code == 400
     assert response.json()["errors"][0]["message"] == (  # once, though every module is over it
         "AiError: Bad input: adapter_model.safetensors for fine-tune 'rank8' refused: rank 8 is over the limit of 4: "
-        "train with r <= 4 (Workers AI's limit is 32), or raise the limit (mlx-gemma serve --max-adapter-rank, "
-        "max_adapter_rank= in Python)")
+        "train with r <= 4 (Workers AI's limit is 32), or raise the limit (--max-adapter-rank of mlx-gemma serve, "
+        "generate, fuse and finetune create; max_adapter_rank= in Python)")
 
 
 def test_an_upload_over_the_limit_names_the_file_limit_and_the_flag(server_runtime: mlx_gemma.Runtime,

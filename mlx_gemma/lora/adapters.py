@@ -162,16 +162,20 @@ def check_adapter_files(path: str | Path, base: BaseInfo | None = None,
     if weights_file.is_file() and _within_limit(weights_file, limits, problems):
         header = _check_safetensors_header(weights_file, problems)
     if not problems and base is None and config is not None and header is not None:
-        _check_ranks_in_header(config, header, problems)
+        _check_ranks_in_header(config, header, problems, limits.max_rank)
     if problems:
         raise AdapterError(path, problems)
     if base is not None and config_file.is_file() and weights_file.is_file():
         read_adapter(path, base, limits=limits)
 
 
-def _check_ranks_in_header(config: dict, header: dict, problems: list[str]) -> None:
+def _check_ranks_in_header(config: dict, header: dict, problems: list[str], max_rank: int) -> None:
     """Without a base, each tensor's rank side (lora_A rows, lora_B columns) against the config's r
-    and rank_pattern, from the (valid) header alone."""
+    and rank_pattern, and the highest against the limit, from the (valid) header alone."""
+    highest = max((info["shape"][0 if _split_peft_key(key)[1] == "A" else 1] for key, info in header.items()),
+                  default=0)
+    if highest > max_rank:
+        problems.append(_over_rank_limit(highest, max_rank))
     for key, info in header.items():
         module, side = _split_peft_key(key)  # the header passed its checks: every key is a LoRA A/B weight
         rank = _pattern_value(config.get("rank_pattern"), module, config.get("r", 8))
@@ -179,6 +183,12 @@ def _check_ranks_in_header(config: dict, header: dict, problems: list[str]) -> N
         if found != rank:
             problems.append(f"{module}: lora_{side} has rank {found} where {CONFIG} says r={rank}: "
                             f"{SHAPE_MISMATCH}; upload the config saved with these weights")
+
+
+def _over_rank_limit(rank: int, max_rank: int) -> str:
+    return (f"rank {rank} is over the limit of {max_rank}: train with r <= {max_rank} (Workers AI's limit is 32), "
+            "or raise the limit (--max-adapter-rank of mlx-gemma serve, generate, fuse and finetune create; "
+            "max_adapter_rank= in Python)")
 
 
 def _within_limit(file: Path, limits: AdapterLimits, problems: list[str]) -> bool:
@@ -565,9 +575,7 @@ def _checked(module: str, a: mx.array, b: mx.array, rank: int, scale: float, bas
                         f"({n_out} x {n_in}) at rank {rank}")
         return None
     if rank > limits.max_rank:
-        problems.append(f"rank {rank} is over the limit of {limits.max_rank}: train with r <= {limits.max_rank} "
-                        "(Workers AI's limit is 32), or raise the limit (mlx-gemma serve --max-adapter-rank, "
-                        "max_adapter_rank= in Python)")
+        problems.append(_over_rank_limit(rank, limits.max_rank))
         return None
     a32, b32 = a.astype(mx.float32), b.astype(mx.float32) * scale
     if not (mx.all(mx.isfinite(a32)) and mx.all(mx.isfinite(b32))).item():

@@ -298,8 +298,12 @@ class FinetuneStore:
             self.tmp_dir.unlink()  # scratch space: emptied on open, never through a link
         for directory in (self.data_dir, self.finetunes_dir, self.tmp_dir):
             directory.mkdir(parents=True, exist_ok=True)
-        with self._db() as conn:
-            conn.execute(_SCHEMA)
+        try:
+            with self._db() as conn:
+                conn.execute(_SCHEMA)
+        except sqlite3.DatabaseError as exc:
+            raise FinetuneError(f"{self.db_path} cannot be used as the fine-tune database ({exc}): move it aside "
+                                "(the fine-tunes' files under finetunes/ stay), or use another data directory") from exc
         if _own(self.data_dir):
             self._recover()
 
@@ -426,8 +430,9 @@ class FinetuneStore:
             raise AssetError(refused) from exc
 
     def _files_alone(self, staging: Path) -> None:
-        """The checks that need no base model: each file, and the pair's ranks."""
-        check_adapter_files(staging, None, AdapterLimits(max_file_bytes=self.max_file_bytes))
+        """The checks that need no base model: each file, and the pair's ranks (whatever their size:
+        the rank limit is the validator's)."""
+        check_adapter_files(staging, None, AdapterLimits(max_file_bytes=self.max_file_bytes, max_rank=2**31))
 
     def _valid(self, files: dict[str, Path], validate: Callable[[Path], None] | None = None) -> bool:
         try:
