@@ -103,6 +103,14 @@ def adapter_name(path: str) -> str:
     return Path(path).expanduser().resolve().name
 
 
+def check_adapter_dirs(paths: Sequence[str]) -> None:
+    """Refuse an --adapter that is no directory before the model loads (or downloads)."""
+    for path in paths:
+        if not Path(path).expanduser().is_dir():
+            raise ValueError(f"--adapter {path}: no such directory: pass the folder that holds the adapter's files "
+                             "(adapter_config.json and adapter_model.safetensors, or mlx-lm's adapters.safetensors)")
+
+
 def check_dir_flag(flag: str, path: Path) -> None:
     """Refuse a directory flag that names a file, or a place where no directory can be made."""
     path = path.expanduser()
@@ -268,6 +276,7 @@ def check_serve_flags(args: argparse.Namespace, adapters: dict[str, str]) -> soc
     if len(adapters) < len(names):
         twice = next(name for name in names if names.count(name) > 1)
         raise ValueError(f"--adapter {twice}= is given twice: give each adapter its own name")
+    check_adapter_dirs(list(adapters.values()))
     for name in ("max_batch", "max_queue", "max_resident_adapters", "max_adapter_rank", "max_upload_mb"):
         value = getattr(args, name)
         if value < 1:
@@ -388,6 +397,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if args.fuse and not args.adapter:
         raise ValueError("--fuse needs --adapter PATH: the adapter to merge")
     check_sampling(args)
+    check_adapter_dirs([args.adapter] if args.adapter else [])
     resolve_model(args)
     name = adapter_name(args.adapter) if args.adapter else None
     adapters = {name: args.adapter} if name else None
@@ -418,6 +428,7 @@ def cmd_fuse(args: argparse.Namespace) -> None:
         raise ValueError(f"--quantize {args.quantize}: fuse writes dense weights, so quantizing the base first "
                          "would only add its rounding error to them; fuse without it, then quantize the result "
                          "(mlx-gemma serve --model OUT --quantize 4, or mlx_lm.convert -q)")
+    check_adapter_dirs([args.adapter])
     check_dir_flag("--out", Path(args.out))
     check_checkpoint_target(args.out)  # before the model loads: a full --out fails at once
     resolve_model(args)

@@ -178,10 +178,33 @@ def _download(repo_id: str) -> Path:
     except Exception as exc:  # huggingface_hub raises many types: translate the known ones
         raise ModelLoadError(_download_error_message(repo_id, exc)) from exc
     if missing := _snapshot_lacks(path):  # offline, snapshot_download hands back the partial snapshot
+        repo_files = _repo_files(repo_id)
+        if repo_files is not None:  # online: the repo itself lacks them
+            raise ModelLoadError(_unusable_repo_message(repo_id, missing, repo_files))
         raise ModelLoadError(f"the cached snapshot of {repo_id} at {path} has no {' or '.join(missing)} (an "
                              "interrupted download?) and the rest cannot be downloaded: connect to the network "
                              "(unset HF_HUB_OFFLINE), or pass a complete local directory with --model")
     return path
+
+
+def _repo_files(repo_id: str) -> list[str] | None:
+    """The files of a Hub repo, or None when the Hub cannot be asked (offline)."""
+    from huggingface_hub import HfApi, constants
+
+    if constants.HF_HUB_OFFLINE:
+        return None
+    try:  # one request with a short timeout: this only words an error
+        return [sibling.rfilename for sibling in HfApi().model_info(repo_id, timeout=10).siblings or []]
+    except Exception:
+        return None
+
+
+def _unusable_repo_message(repo_id: str, missing: list[str], repo_files: list[str]) -> str:
+    kinds = [hint for suffix, hint in ((".gguf", "GGUF files: download one and pass its path as --model"),
+                                       (".bin", "pickled *.bin weights: convert them to safetensors"))
+             if any(name.endswith(suffix) for name in repo_files)]
+    return (f"{repo_id} has no {' or '.join(missing)}: a model here is config.json, tokenizer.json and "
+            f"*.safetensors weights" + (f"; the repo holds {' and '.join(kinds)}" if kinds else ""))
 
 
 def _snapshot_lacks(path: Path, shards_need_index: bool = False) -> list[str]:

@@ -358,3 +358,14 @@ def test_the_rank_limit_is_a_flag_of_every_command_that_reads_adapters(tiny_dir,
                 "--max-adapter-rank", "8")
     assert fused.returncode == 0, fused.stderr
     assert cli("finetune", "create", "@cf/google/gemma-2b-it-lora", "r8", ADAPTER, *store).returncode == 0
+
+
+@pytest.mark.parametrize("command", [["generate", "--prompt", "Hi", "--adapter", "/no/such/adapter"],
+                                     ["fuse", "--out", "/tmp/mlx-gemma-unused", "--adapter", "/no/such/adapter"],
+                                     ["serve", "--adapter", "a=/no/such/adapter"]])
+def test_a_missing_adapter_directory_is_refused_before_loading(command):
+    done = cli(command[0], "--model", "/no/such/model", *command[1:])
+    assert done.returncode == 2
+    assert done.stderr == ("mlx-gemma: error: --adapter /no/such/adapter: no such directory: pass the folder that "
+                           "holds the adapter's files (adapter_config.json and adapter_model.safetensors, or "
+                           "mlx-lm's adapters.safetensors)\n")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import types
 import shutil
 
 import pytest
@@ -367,6 +368,8 @@ def test_a_missing_shard_is_named(tiny_dir, tmp_path):
 
 
 def test_a_hub_snapshot_missing_a_shard_is_not_complete(monkeypatch, tiny_dir, tmp_path):
+    import huggingface_hub
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # no request to word the error
     target = shard(tiny_dir, tmp_path, keep=["model-00001-of-00002.safetensors"])
     assert loading._snapshot_lacks(target) == ["model-00002-of-00002.safetensors"]
     calls = []
@@ -426,3 +429,25 @@ def test_a_truncated_safetensors_file_is_named(tiny_dir, tmp_path, cut):
         mlx_gemma.load(target)
     assert str(err.value).endswith("): the file is truncated or corrupt (an interrupted download?): "
                                    "download it again")
+
+
+@pytest.mark.parametrize("repo_files, says", [
+    (["config.json", "model.gguf", "README.md"], "; the repo holds GGUF files: download one and pass its path as --model"),
+    (["config.json", "tokenizer.json", "pytorch_model.bin"],
+     "; the repo holds pickled *.bin weights: convert them to safetensors"),
+    (["config.json"], ""),
+])
+def test_a_hub_repo_without_safetensors_says_so_when_online(monkeypatch, tmp_path, repo_files, says):
+    """Online, a complete download without weights is the repo's doing, not an interrupted download."""
+    import huggingface_hub
+    snapshot = tmp_path / "snapshot"
+    snapshot.mkdir()
+    (snapshot / "config.json").write_text("{}")
+    monkeypatch.setattr("huggingface_hub.snapshot_download", lambda repo_id, **kwargs: str(snapshot))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    info = types.SimpleNamespace(siblings=[types.SimpleNamespace(rfilename=name) for name in repo_files])
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", lambda self, repo_id, timeout: info)
+    with pytest.raises(ModelLoadError) as refused:
+        loading.resolve_model_dir("someone/gemma-gguf")
+    assert str(refused.value) == ("someone/gemma-gguf has no tokenizer.json or *.safetensors: a model here is "
+                                  "config.json, tokenizer.json and *.safetensors weights" + says)

@@ -135,6 +135,9 @@ def test_duplicate_name_is_refused(store):
     store.create(MODEL, "dup")
     error = assert_refused(store, FinetuneExists, "'dup'", store.create, MODEL, "dup")
     assert isinstance(error, FinetuneError) and isinstance(error, ValueError)
+    assert str(error) == ("a fine-tune named 'dup' already exists: pick another name, delete that one first "
+                          "(mlx-gemma finetune delete NAME), or upload new files to it "
+                          "(POST .../ai/finetunes/NAME/finetune-assets)")
 
 
 def test_two_threads_creating_one_name_one_wins(store):

@@ -349,7 +349,8 @@ class FinetuneStore:
                 directory.rmdir()
                 if isinstance(exc, sqlite3.IntegrityError) and _taken(exc):
                     raise FinetuneExists(f"a fine-tune named {name!r} already exists: pick another name, "
-                                         "or add assets to the existing one") from exc
+                                         "delete that one first (mlx-gemma finetune delete NAME), or upload new "
+                                         "files to it (POST .../ai/finetunes/NAME/finetune-assets)") from exc
                 raise
         return self.get(finetune_id)
 
