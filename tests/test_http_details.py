@@ -19,6 +19,7 @@ from mlx_gemma.server.app import StripTrailingSlash, build_app
 from mlx_gemma.server.service import Settings
 
 from conftest import FIXTURES
+from serving import asgi_post
 
 ADAPTER = FIXTURES / "adapters" / "all7_r8"
 ACCOUNT = "/client/v4/accounts/0123abcd/ai"
@@ -203,24 +204,6 @@ def test_public_paths_stay_public_with_a_slash(guarded: TestClient) -> None:
 
 # --- body reading, tokenizing and listing ------------------------------------------------------
 
-def _asgi_post(app: Any, path: str, headers: list[tuple[bytes, bytes]], chunks: list[bytes]) -> list[dict]:
-    """POST `chunks` (more to come after each), then the client disconnects; the messages sent back."""
-    incoming = [{"type": "http.request", "body": chunk, "more_body": True} for chunk in chunks]
-    sent: list[dict] = []
-
-    async def receive() -> dict:
-        return incoming.pop(0) if incoming else {"type": "http.disconnect"}
-
-    async def send(message: dict) -> None:
-        sent.append(message)
-
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
-             "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "", "headers": headers,
-             "client": ("127.0.0.1", 1), "server": ("t", 80)}
-    asyncio.run(app(scope, receive, send))
-    return sent
-
-
 @pytest.mark.parametrize("route", ["run", "chat", "upload", "create"])
 def test_a_client_gone_part_way_through_its_body_gets_499_not_a_server_error(
         server_runtime: mlx_gemma.Runtime, tmp_path: Path, caplog: pytest.LogCaptureFixture, route: str) -> None:
@@ -237,7 +220,7 @@ def test_a_client_gone_part_way_through_its_body_gets_499_not_a_server_error(
         "create": (f"{ACCOUNT}/finetunes", json_type, b'{"model": '),
     }[route]
     with caplog.at_level("ERROR"):
-        sent = _asgi_post(app, path, headers, [chunk])
+        sent = asgi_post(app, path, headers, [chunk], more_body=True)
     assert [m["status"] for m in sent if m["type"] == "http.response.start"] == [499]
     assert [record.getMessage() for record in caplog.records if record.levelname == "ERROR"] == []
 

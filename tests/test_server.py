@@ -24,6 +24,7 @@ from mlx_gemma.server.schema import finetune_not_found
 from mlx_gemma.server.service import Settings
 
 from conftest import FIXTURES
+from serving import asgi_post
 
 ADAPTER = FIXTURES / "adapters" / "all7_r8"
 ACCOUNT = "/client/v4/accounts/0123abcd/ai"
@@ -538,19 +539,7 @@ def test_a_client_gone_before_the_answer_begins_gets_499_and_its_row_leaves(serv
                                                                            tmp_path: Path) -> None:
     app = build_app(server_runtime, Settings(data_dir=tmp_path / "data"))
     body = json.dumps({"prompt": "Count forever", "temperature": 0, "max_tokens": 100000}).encode()
-    incoming = [{"type": "http.request", "body": body, "more_body": False}, {"type": "http.disconnect"}]
-    sent: list[dict] = []
-
-    async def receive() -> dict:
-        return incoming.pop(0) if incoming else {"type": "http.disconnect"}
-
-    async def send(message: dict) -> None:
-        sent.append(message)
-
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
-             "path": RUN, "raw_path": RUN.encode(), "query_string": b"", "root_path": "",
-             "headers": [(b"content-type", b"application/json")], "client": ("127.0.0.1", 1), "server": ("t", 80)}
-    asyncio.run(app(scope, receive, send))
+    sent = asgi_post(app, RUN, [(b"content-type", b"application/json")], [body], more_body=False)
     assert [m["status"] for m in sent if m["type"] == "http.response.start"] == [499]
     assert server_runtime.engine.call(lambda: server_runtime.engine.active).result(timeout=5) == 0
 
