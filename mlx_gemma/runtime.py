@@ -27,6 +27,7 @@ between threads; `submit(ids, params, lora, emit)` is the non-blocking entry the
 from __future__ import annotations
 
 import contextlib
+import functools
 import queue
 import weakref
 from collections.abc import Callable, Mapping, Sequence
@@ -345,26 +346,27 @@ class Runtime:
                 raise ValueError(f"requests[{index}]: {exc}") from None
         with contextlib.ExitStack() as running:  # an error in one, or Ctrl-C, stops the others too
             streams: list[TextStream] = []
-
-            def top_up(reading: int) -> None:
-                """Submit the request about to be read, and more while the queue has room (never more
-                waiting than it holds): as the engine takes them into the batch, room comes back."""
-                while len(streams) < len(prepared):
-                    needed = len(streams) <= reading
-                    if not needed and self.engine.waiting >= self.engine.max_queue:
-                        return
-                    try:
-                        streams.append(running.enter_context(TextStream(self, *prepared[len(streams)])))
-                    except QueueFullError:
-                        if needed:
-                            raise
-                        return  # other clients filled the queue: try again after the next piece
-                    except Exception as exc:
-                        raise _noted(exc, len(streams))
-
+            top_up = functools.partial(self._submit_more, running, streams, prepared)
             texts = [_read_request(streams, index, top_up) for index in range(len(prepared))]
         return [GenerationResult(text, s.usage, s.finish_reason or "length", s.token_ids)
                 for text, s in zip(texts, streams)]
+
+    def _submit_more(self, running: contextlib.ExitStack, streams: list[TextStream],
+                     prepared: list[tuple[list[int], GenerationParams, str | None]], reading: int) -> None:
+        """For generate_many: submit the request about to be read, and more while the queue has room
+        (never more waiting than it holds); as the engine takes them into the batch, room comes back."""
+        while len(streams) < len(prepared):
+            needed = len(streams) <= reading
+            if not needed and self.engine.waiting >= self.engine.max_queue:
+                return
+            try:
+                streams.append(running.enter_context(TextStream(self, *prepared[len(streams)])))
+            except QueueFullError:
+                if needed:
+                    raise
+                return  # other clients filled the queue: try again after the next piece
+            except Exception as exc:
+                raise _noted(exc, len(streams))
 
     def logits(self, token_ids: Sequence[int], lora: str | None = None) -> np.ndarray:
         """Logits of every position for the given ids, in one forward pass without cache."""

@@ -172,17 +172,16 @@ def check_adapter_files(path: str | Path, base: BaseInfo | None = None,
 def _check_ranks_in_header(config: dict, header: dict, problems: list[str], max_rank: int) -> None:
     """Without a base, each tensor's rank side (lora_A rows, lora_B columns) against the config's r
     and rank_pattern, and the highest against the limit, from the (valid) header alone."""
-    highest = max((info["shape"][0 if _split_peft_key(key)[1] == "A" else 1] for key, info in header.items()),
-                  default=0)
-    if highest > max_rank:
-        problems.append(_over_rank_limit(highest, max_rank))
+    mismatched, highest = [], 0
     for key, info in header.items():
         module, side = _split_peft_key(key)  # the header passed its checks: every key is a LoRA A/B weight
         rank = _pattern_value(config.get("rank_pattern"), module, config.get("r", 8))
         found = info["shape"][0 if side == "A" else 1]
+        highest = max(highest, found)
         if found != rank:
-            problems.append(f"{module}: lora_{side} has rank {found} where {CONFIG} says r={rank}: "
-                            f"{SHAPE_MISMATCH}; upload the config saved with these weights")
+            mismatched.append(f"{module}: lora_{side} has rank {found} where {CONFIG} says r={rank}: "
+                              f"{SHAPE_MISMATCH}; upload the config saved with these weights")
+    problems += ([_over_rank_limit(highest, max_rank)] if highest > max_rank else []) + mismatched
 
 
 def _over_rank_limit(rank: int, max_rank: int) -> str:
