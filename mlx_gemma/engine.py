@@ -9,7 +9,8 @@ read back, so Python's bookkeeping overlaps the model's compute. The engine know
 only, never text.
 
 `EngineThread` is the one thread that owns MLX and runs a continuous batch: requests reach it
-through a bounded queue (`QueueFullError` when `max_queue` are waiting); a waiting request's
+through a queue, take the batch's free rows first and then `max_queue` places (`QueueFullError`
+beyond them; `check_room()` asks before a request is built); a waiting request's
 prompt is read one chunk per engine step, then its row joins the running batch (at most
 `max_batch` rows, each with its own adapter slot and sampler, decoded together); each
 `Request` streams its steps back through its `emit` callback, and a cancelled request leaves
@@ -327,12 +328,32 @@ class EngineThread:
                                "its reader would wait for the thread it blocks; start it from another thread")
         with self._count_lock:  # with close(): nothing is queued behind the stop
             self._check_open()
-            if self.waiting >= self.max_queue:
-                self.stats.rejected["queue_full"] += 1
-                raise QueueFullError(f"{self.waiting} requests are already waiting (max_queue={self.max_queue}): "
-                                     "retry shortly, or raise the limit (--max-queue, max_queue= in Python)")
+            self._refuse_when_full()
             self.waiting += 1
             self._jobs.put(request)
+
+    @property
+    def free_rows(self) -> int:
+        """Batch rows that no request holds, reads its prompt for, or waits to take."""
+        return max(0, self._open_rows() - self.waiting)
+
+    def _open_rows(self) -> int:
+        """Batch rows that no request holds or reads its prompt for: the first waiting requests start there."""
+        return max(0, self.max_batch - len(self._rows) - self.prefilling)
+
+    def check_room(self) -> None:
+        """Raise QueueFullError (counted as refused) when a request submitted now would be refused,
+        so that a server can answer a full queue at once, before it reads and tokenizes the body."""
+        with self._count_lock:
+            self._refuse_when_full()
+
+    def _refuse_when_full(self) -> None:
+        """Requests beyond the free batch rows wait; `max_queue` of them may."""
+        queued = self.waiting - self._open_rows()
+        if queued >= self.max_queue:
+            self.stats.rejected["queue_full"] += 1
+            raise QueueFullError(f"{queued} requests are already waiting (max_queue={self.max_queue}): "
+                                 "retry shortly, or raise the limit (--max-queue, max_queue= in Python)")
 
     def call(self, fn: Callable[[], T]) -> "Future[T]":
         future: Future[T] = Future()
@@ -393,9 +414,12 @@ class EngineThread:
 
     def _drop_cancelled_waiting(self) -> None:
         """Free the queue places of waiting requests whose clients have gone."""
-        cancelled = [r for r in self._pending if r.cancelled.is_set()]
+        kept: collections.deque[Request] = collections.deque()
+        cancelled: list[Request] = []
+        for request in self._pending:  # one look at each flag: a cancel landing meanwhile waits for the next pass
+            (cancelled if request.cancelled.is_set() else kept).append(request)
         if cancelled:
-            self._pending = collections.deque(r for r in self._pending if not r.cancelled.is_set())
+            self._pending = kept
             for request in cancelled:
                 self.stats.requests[request.left_as] += 1
             with self._count_lock:

@@ -353,11 +353,12 @@ class Runtime:
 
     def _submit_more(self, running: contextlib.ExitStack, streams: list[TextStream],
                      prepared: list[tuple[list[int], GenerationParams, str | None]], reading: int) -> None:
-        """For generate_many: submit the request about to be read, and more while the queue has room
-        (never more waiting than it holds); as the engine takes them into the batch, room comes back."""
+        """For generate_many: submit the request about to be read, and more while the batch has rows for
+        them, so that the requests it is not reading yet never take the queue from other callers; as rows
+        leave, room comes back."""
         while len(streams) < len(prepared):
             needed = len(streams) <= reading
-            if not needed and self.engine.waiting >= self.engine.max_queue:
+            if not needed and not self.engine.free_rows:
                 return
             try:
                 streams.append(running.enter_context(TextStream(self, *prepared[len(streams)])))

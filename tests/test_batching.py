@@ -12,6 +12,7 @@ import httpx
 import pytest
 
 import mlx_gemma
+from mlx_gemma.engine import QueueFullError, Request, StepOutput
 from mlx_gemma.server.app import build_app
 from mlx_gemma.server.service import Settings
 
@@ -298,6 +299,74 @@ def test_a_cancelled_waiting_request_gives_its_queue_place_back(tiny_dir: Path) 
     late = rt.stream(prompt="Late", temperature=0, max_tokens=2)  # no QueueFullError
     running.close()
     assert len(list(late)) >= 1
+
+
+class CancelledWhileScanned(threading.Event):
+    """A cancel that lands while the engine looks through its queue: unset at the first look, set after."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.looks = 0
+
+    def is_set(self) -> bool:
+        self.looks += 1
+        return self.looks > 1
+
+
+def test_a_cancel_landing_while_the_queue_is_scanned_gives_its_place_back(tiny_dir: Path) -> None:
+    rt = mlx_gemma.load(tiny_dir, max_batch=1, max_queue=2)
+    running = rt.stream(prompt="Keep talking", temperature=0, max_tokens=300)
+    next(running)  # the one row is taken: requests stay queued
+    ids, params = rt.prepare(prompt="Hi", temperature=0, max_tokens=3)
+    gone = Request(ids, params, lambda item: None)
+    gone.cancel()  # found cancelled in the same pass
+    for request in (gone, Request(ids, params, lambda item: None, cancelled=CancelledWhileScanned())):
+        rt.engine.submit(request)
+    deadline = time.monotonic() + 5
+    while rt.engine.waiting and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert rt.engine.waiting == 0 and rt.engine.stats.requests["cancelled"] == 2
+    running.close()
+    rt.close()
+
+
+def test_a_burst_takes_the_free_rows_before_it_counts_against_the_queue(tiny_dir: Path) -> None:
+    """An idle engine with 4 rows and max_queue=1 takes 5 requests at once; the 6th is refused."""
+    rt = mlx_gemma.load(tiny_dir, max_batch=4, max_queue=1)
+    ids, params = rt.prepare(prompt="Hi", temperature=0, max_tokens=3)
+    ended: list[StepOutput | BaseException] = []
+    gate = threading.Event()
+    held = rt.engine.call(gate.wait)  # nothing starts until all are submitted
+    try:
+        for _ in range(5):
+            rt.engine.submit(Request(ids, params, ended.append))
+        with pytest.raises(QueueFullError, match=r"^1 requests are already waiting \(max_queue=1\)"):
+            rt.engine.submit(Request(ids, params, ended.append))
+    finally:
+        gate.set()
+        held.result(timeout=10)
+    deadline = time.monotonic() + 10
+    while rt.engine.stats.requests["length"] < 5 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert rt.engine.stats.requests["length"] == 5 and rt.engine.stats.rejected["queue_full"] == 1
+    rt.close()
+
+
+def test_generate_many_leaves_the_queue_to_other_callers(tiny_dir: Path) -> None:
+    """It submits ahead only into free rows: another caller's request is queued, not refused."""
+    rt = mlx_gemma.load(tiny_dir, max_batch=2, max_queue=2)
+    requests = [dict(prompt=f"Story {i}", temperature=0, max_tokens=60) for i in range(8)]
+    alone = [rt.generate(**request) for request in requests]
+    together: list = []
+    many = threading.Thread(target=lambda: together.extend(rt.generate_many(requests)))
+    many.start()
+    while not rt.engine.active:
+        time.sleep(0.002)
+    other = rt.generate(prompt="Meanwhile", temperature=0, max_tokens=3)  # used to raise QueueFullError
+    many.join(timeout=60)
+    assert len(other.token_ids) == 3 and rt.engine.stats.rejected["queue_full"] == 0
+    assert [r.token_ids for r in together] == [r.token_ids for r in alone]
+    rt.close()
 
 
 def test_closing_a_stream_from_another_thread_wakes_its_reader(tiny_dir: Path) -> None:

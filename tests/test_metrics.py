@@ -14,6 +14,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from starlette.testclient import TestClient
 
 import mlx_gemma
+from mlx_gemma.engine import Request
+from mlx_gemma.sampler import GenerationParams
 from mlx_gemma.server.app import build_app
 from mlx_gemma.server.service import Settings
 
@@ -103,13 +105,16 @@ def test_a_completion_ended_by_a_stop_string_counts_as_stop(fresh) -> None:
 
 def test_a_request_refused_because_the_queue_is_full_is_counted(fresh) -> None:
     runtime, client = fresh
+    engine = runtime.engine
     gate = threading.Event()
-    held = runtime.engine.call(gate.wait)  # the engine is busy: requests stay queued
+    held = engine.call(gate.wait)  # the engine is busy: requests stay queued
     try:
+        for _ in range(engine.max_batch):  # the free rows' requests, then max_queue=1 more
+            engine.submit(Request([2, 10], GenerationParams(max_tokens=1, temperature=0), lambda item: None))
         waiting = threading.Thread(target=client.post, args=("/v1/completions",),
                                    kwargs={"json": {"prompt": "a", "max_tokens": 1}})
         waiting.start()
-        while runtime.engine.waiting < 1:
+        while engine.waiting < engine.max_batch + 1:
             threading.Event().wait(0.005)
         refused = client.post("/v1/completions", json={"prompt": "b", "max_tokens": 1})
         assert refused.status_code == 429
@@ -119,7 +124,7 @@ def test_a_request_refused_because_the_queue_is_full_is_counted(fresh) -> None:
     waiting.join(timeout=30)
     counted = samples(client)
     assert counted[("mlx_gemma_rejected_requests_total", (("reason", "queue_full"),))] == 1
-    assert counted[("mlx_gemma_requests_total", (("reason", "length"),))] == 1
+    assert counted[("mlx_gemma_requests_total", (("reason", "length"),))] == engine.max_batch + 1
 
 
 def test_a_scrape_does_not_wait_for_an_adapter_being_loaded(tiny_dir: Path, tmp_path: Path) -> None:
