@@ -175,8 +175,10 @@ class AdapterRegistry:
         return entry[0] if entry else None
 
     def names(self) -> list[str]:
-        """The adapters requests may name (not those retiring)."""
-        return [name for name in self._paths if name not in self._retiring]
+        """The adapters requests may name (not those retiring). Read from any thread: copies are taken
+        first (atomic under the GIL), since the engine thread adds and removes adapters meanwhile."""
+        paths, retiring = list(self._paths), set(self._retiring)
+        return [name for name in paths if name not in retiring]
 
     def describe(self) -> list[dict[str, Any]]:
         with self._lock:
