@@ -26,6 +26,7 @@ from .loading import DTYPES, ModelLoadError
 
 
 LORA_MODELS = ("@cf/google/gemma-2b-it-lora", "@cf/google/gemma-7b-it-lora")  # the routes a server answers to
+SHUTDOWN_GRACE_SECONDS = 5  # serve: how long Ctrl-C waits for running requests before cancelling them
 
 
 def _messages_arg(value: str) -> list[dict[str, Any]]:
@@ -266,7 +267,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
                         max_upload_bytes=args.max_upload_mb * 1024 * 1024, allowed_origins=args.allowed_origins)
     app = build_app(runtime, settings)
     _log_serving(app.state.service, args, base_url(args.host, sock.getsockname()[1]))
-    uvicorn.Server(uvicorn.Config(app, log_level="info")).run(sockets=[sock])
+    # Ctrl-C: requests still running after the grace period are cancelled (their rows freed, streams
+    # ended) rather than waited for; a chat without max_tokens can run to a full context.
+    config = uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=SHUTDOWN_GRACE_SECONDS)
+    uvicorn.Server(config).run(sockets=[sock])
 
 
 def check_serve_flags(args: argparse.Namespace, adapters: dict[str, str]) -> socket.socket:

@@ -301,21 +301,50 @@ def test_duplicate_finetune_name_is_refused(client: TestClient) -> None:
     assert response.json()["errors"][0]["code"] == 5007
 
 
-def test_full_queue_answers_429_at_once(client: TestClient, server_runtime: mlx_gemma.Runtime) -> None:
+def test_full_queue_answers_429_at_once(client: TestClient, server_runtime: mlx_gemma.Runtime,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Refused before its body is tokenized: another client's long body must not delay the 429."""
     gate = threading.Event()
-    blocker = server_runtime.engine.call(gate.wait)  # the engine is busy until the gate opens
-    waiting = [Request([2, 10], GenerationParams(max_tokens=1, temperature=0), lambda item: None) for _ in range(2)]
+    engine = server_runtime.engine
+    blocker = engine.call(gate.wait)  # the engine is busy until the gate opens
+    waiting = [Request([2, 10], GenerationParams(max_tokens=1, temperature=0), lambda item: None)
+               for _ in range(engine.max_batch + 2)]
     try:
         for request in waiting:
-            server_runtime.engine.submit(request)  # max_queue=2: now full
-        response = client.post(RUN, json={"prompt": "a"})
+            engine.submit(request)  # the free rows' requests, then max_queue=2 more: now full
+        with monkeypatch.context() as patched:
+            patched.setattr(server_runtime, "prepare", lambda *args, **kwargs: pytest.fail("tokenized"))
+            response = client.post(RUN, json={"prompt": "a"})
+            openai = client.post("/v1/completions", json={"prompt": "a"})
         assert response.status_code == 429
         assert response.json() == error(3040, "AiError: Out of capacity: 2 requests are already waiting (max_queue=2): "
                                               "retry shortly, or raise the limit (--max-queue, max_queue= in Python)")
+        assert openai.status_code == 429
     finally:
         gate.set()
         blocker.result(timeout=10)
     assert client.post(RUN, json={"prompt": "a", **GREEDY}).status_code == 200
+
+
+def test_the_schema_check_of_a_run_body_runs_off_the_event_loop(client: TestClient,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Checking a body of many messages takes seconds: every other client's stream would wait for it."""
+    from mlx_gemma.server import workers_ai
+
+    checked_on = []
+    check = workers_ai.validate_run_body
+
+    def recording(body: dict) -> dict:
+        try:
+            asyncio.get_running_loop()
+            checked_on.append("the event loop")
+        except RuntimeError:
+            checked_on.append("a worker thread")
+        return check(body)
+
+    monkeypatch.setattr(workers_ai, "validate_run_body", recording)
+    assert client.post(RUN, json={"prompt": "a", **GREEDY}).status_code == 200
+    assert checked_on == ["a worker thread"]
 
 
 def test_auth_token(server_runtime: mlx_gemma.Runtime, tmp_path: Path) -> None:

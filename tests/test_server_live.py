@@ -6,6 +6,7 @@ the Python API's greedy text. The SIGKILL test runs `mlx-gemma serve` as a child
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -160,6 +161,34 @@ def start_server(tiny_dir: Path, data_dir: Path) -> tuple[subprocess.Popen, str]
             time.sleep(0.1)
     process.kill()
     raise AssertionError("the server did not start within 60 s")
+
+
+def test_ctrl_c_cancels_running_requests_after_a_short_grace(tiny_dir: Path, tmp_path: Path) -> None:
+    """Whole answers to chats without max_tokens run to a full context; Ctrl-C must not wait for them."""
+    from mlx_gemma.cli import SHUTDOWN_GRACE_SECONDS
+
+    process, url = start_server(tiny_dir, tmp_path / "data")
+    body = {"messages": [{"role": "user", "content": "Talk"}], "temperature": 0}  # greedy: no stop token for 8k
+
+    def chat() -> None:
+        with contextlib.suppress(httpx.HTTPError):
+            httpx.post(f"{url}/v1/chat/completions", json=body, timeout=120)
+
+    clients = [threading.Thread(target=chat, daemon=True) for _ in range(4)]
+    try:
+        for client in clients:
+            client.start()
+        deadline = time.monotonic() + 60
+        while "mlx_gemma_batch_size 4.0" not in httpx.get(f"{url}/metrics", timeout=10).text:
+            assert time.monotonic() < deadline, "the four chats did not all start"
+            time.sleep(0.05)
+        interrupted = time.monotonic()
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=SHUTDOWN_GRACE_SECONDS + 60)
+        assert time.monotonic() - interrupted < SHUTDOWN_GRACE_SECONDS + 10
+    finally:
+        process.kill()
+        process.wait(timeout=10)
 
 
 def slow_multipart(file_name: str, content: bytes, killed: threading.Event) -> Iterator[bytes]:

@@ -335,6 +335,7 @@ def usage(stream: AsyncTextStream) -> dict[str, int]:
 
 async def generate(request: Request, chat: bool) -> Response:
     service = service_of(request)
+    service.check_room()
     body = await read_json(request)
     lora = await resolve_adapter(service, body)
     model = body.get("model") or service.served_models()[0]

@@ -7,7 +7,8 @@ Contract:
   `--adapter`, or of the fused one; else a fine-tune id or name from the store, made resident
   under a key that changes whenever its files change (so a re-upload is never served stale).
   Unknown: ApiError 3037; missing files: ApiError 3039.
-- `service.open_stream(ids, params, lora)`: an `AsyncTextStream` fed by the engine thread;
+- `service.check_room()`: ApiError 3040 when the engine's queue is full, asked before a body is
+  read. `service.open_stream(ids, params, lora)`: an `AsyncTextStream` fed by the engine thread;
   a full engine queue raises ApiError 3040 at once. Iterating it never blocks the event loop;
   `cancel()` (or leaving an `async with`) frees the request's row at the engine's next step.
 - Engine errors surface where the stream is read (its first item, `text()`, iteration) as
@@ -19,9 +20,10 @@ Contract:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 from concurrent.futures import ThreadPoolExecutor
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
@@ -212,8 +214,20 @@ class Service:
                 raise adapter_changed(lora) from None  # re-uploaded or deleted since resolve_lora
             raise bad_input(str(exc)) from None
 
+    def check_room(self) -> None:
+        """Refuse at once (429, 3040) when the engine's queue is full: before the body is read, checked and
+        tokenized, which for another client's long body can take seconds. `open_stream` checks again."""
+        with _queue_full_as_429():
+            self.runtime.engine.check_room()
+
     def open_stream(self, ids: list[int], params: GenerationParams, lora: str | None) -> AsyncTextStream:
-        try:
+        with _queue_full_as_429():
             return AsyncTextStream(self.runtime, ids, params, lora)
-        except QueueFullError as exc:
-            raise out_of_capacity(str(exc)) from None
+
+
+@contextlib.contextmanager
+def _queue_full_as_429() -> Iterator[None]:
+    try:
+        yield
+    except QueueFullError as exc:
+        raise out_of_capacity(str(exc)) from None
