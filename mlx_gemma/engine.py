@@ -123,7 +123,10 @@ class Request:
 
     `emit` receives each StepOutput, or the exception that ended the request; it is called on
     the engine thread and must not block. `acquire` runs on the engine thread before prefill and
-    returns the adapter slot; `release` runs once the request is over, however it ends.
+    returns the adapter slot; `release` runs once the request is over, however it ends. A request
+    whose reader looks for stop strings (`reader_may_stop`) and that ends at its length limit is
+    counted by that reader, as "stop" by `stop()` or as "length" by `cancel()`: the stop string
+    may be in the last token's text, which the engine has not seen decoded.
     """
 
     prompt_ids: list[int]
@@ -135,16 +138,41 @@ class Request:
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.perf_counter)
 
+    reader_may_stop: bool = False  # its reader looks for stop strings, possibly in the last token's text
+
     stopped: bool = False  # ended by its reader as a stop token would end it (a stop string)
+    count_held: Callable[[str], None] | None = field(default=None, init=False, repr=False)  # set by submit
+    _held: str | None = field(default=None, init=False, repr=False)  # a finish its reader counts
+    _ending: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     def cancel(self) -> None:
         """Stop this request at its next step (or before it starts); its slot is freed then."""
         self.cancelled.set()
+        self._count_held(None)
 
     def stop(self) -> None:
         """Stop it as `cancel` does, but count it as finished by "stop" (its reader found a stop string)."""
-        self.stopped = True
+        with self._ending:
+            self.stopped = True
         self.cancelled.set()
+        self._count_held("stop")
+
+    def hold_finish(self, reason: str) -> str | None:
+        """On the engine thread, at the last token: the finish reason to count now, or None when its
+        reader counts it, with `stop` (a stop string in that token's text) or `cancel` (none)."""
+        with self._ending:
+            if self.stopped:
+                return "stop"
+            if reason == "length" and self.reader_may_stop and not self.cancelled.is_set():
+                self._held = reason
+                return None
+            return reason
+
+    def _count_held(self, reason: str | None) -> None:
+        with self._ending:
+            held, self._held = self._held, None
+        if held and self.count_held is not None:
+            self.count_held(reason or held)
 
     @property
     def left_as(self) -> str:
@@ -233,6 +261,17 @@ class EngineStats:
     ttft_bucket_counts: list[int] = field(default_factory=lambda: [0] * len(TTFT_BUCKETS))
     ttft_sum: float = 0.0
     ttft_count: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def count(self, reason: str, n: int = 1) -> None:
+        """Count n requests ended with this finish reason (from the engine thread, or a reader's)."""
+        with self._lock:
+            self.requests[reason] += n
+
+    def finished(self) -> dict[str, int]:
+        """Ended requests by finish reason, a consistent copy."""
+        with self._lock:
+            return dict(self.requests)
 
     def first_token(self, seconds: float) -> None:
         self.ttft_sum += seconds
@@ -330,6 +369,7 @@ class EngineThread:
             self._check_open()
             self._refuse_when_full()
             self.waiting += 1
+            request.count_held = self.stats.count
             self._jobs.put(request)
 
     @property
@@ -421,7 +461,7 @@ class EngineThread:
         if cancelled:
             self._pending = kept
             for request in cancelled:
-                self.stats.requests[request.left_as] += 1
+                self.stats.count(request.left_as)
             with self._count_lock:
                 self.waiting -= len(cancelled)
 
@@ -433,7 +473,7 @@ class EngineThread:
         if self._prefilling is not None:
             self._prefilling.release()
             failed.append(self._prefilling.request)
-        self.stats.requests["error"] += len(failed)
+        self.stats.count("error", len(failed))
         self._rows, self._prefilling, self._inflight = [], None, None
         self._cache = [BatchKVCache() for _ in self.model.layers]
         for request in failed:
@@ -467,7 +507,7 @@ class EngineThread:
             try:
                 self._prefill_chunk(job)
             except Exception as exc:  # the request's own failure; the batch goes on
-                self.stats.requests["error"] += 1
+                self.stats.count("error")
                 job.release()
                 _emit_quietly(job.request, exc)
                 self._prefilling = None
@@ -480,7 +520,7 @@ class EngineThread:
             request = self._pending[0]
             if request.cancelled.is_set():
                 self._leave_queue()
-                self.stats.requests[request.left_as] += 1
+                self.stats.count(request.left_as)
                 continue
             try:
                 check_prompt_length(len(request.prompt_ids), self.context_length)
@@ -511,7 +551,7 @@ class EngineThread:
     def _fail_waiting(self, request: Request, exc: Exception) -> None:
         """End the request at the head of the queue with `exc`."""
         self._leave_queue()
-        self.stats.requests["error"] += 1
+        self.stats.count("error")
         _emit_quietly(request, exc)
 
     def _start_prefill(self, request: Request, slot: int) -> "_Prefill":
@@ -527,7 +567,7 @@ class EngineThread:
 
     def _prefill_chunk(self, job: "_Prefill") -> None:
         if job.request.cancelled.is_set():
-            self.stats.requests[job.request.left_as] += 1
+            self.stats.count(job.request.left_as)
             job.release()
             self._prefilling = None
             return
@@ -562,13 +602,13 @@ class EngineThread:
         row.count += 1
         self.stats.generated_tokens += 1
         finish = "stop" if row.token in self.stop_ids else "length" if row.count >= row.limit else None
-        if finish:
-            self.stats.requests[finish] += 1  # before the reader sees its last token: /metrics then agrees
+        if finish and (counted := row.request.hold_finish(finish)):
+            self.stats.count(counted)  # before the reader sees its last token: /metrics then agrees
         delivered = _emit_quietly(row.request, StepOutput(row.token, finish))
         if not finish and delivered and not row.request.cancelled.is_set():
             return True
         if not finish:
-            self.stats.requests[row.request.left_as] += 1
+            self.stats.count(row.request.left_as)
         row.release()
         return False
 
@@ -622,7 +662,7 @@ class EngineThread:
             return
         for i, row in enumerate(self._rows):
             if i not in keep and not row.released:
-                self.stats.requests[row.request.left_as] += 1
+                self.stats.count(row.request.left_as)
                 row.release()
         self._rows = [self._rows[i] for i in keep]
         for batch_cache in self._cache:

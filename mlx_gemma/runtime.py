@@ -300,10 +300,11 @@ class Runtime:
                          "take it out of the prompt")
 
     def submit(self, ids: list[int], params: GenerationParams, lora: str | None,
-               emit: Callable[[StepOutput | BaseException], None]) -> Request:
-        """Queue a prepared request on the engine thread; `emit` gets its steps. Raises QueueFullError."""
+               emit: Callable[[StepOutput | BaseException], None], reader_may_stop: bool = False) -> Request:
+        """Queue a prepared request on the engine thread; `emit` gets its steps. Raises QueueFullError.
+        reader_may_stop: the caller looks for stop strings and ends the request with `stop()` or `cancel()`."""
         request = Request(ids, params, emit, acquire=lambda: self._acquire(lora), release=lambda: self._release(lora),
-                          adapter_key=lambda: self._adapter_key(lora))
+                          adapter_key=lambda: self._adapter_key(lora), reader_may_stop=reader_may_stop)
         self.engine.submit(request)
         return request
 

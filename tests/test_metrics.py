@@ -127,6 +127,29 @@ def test_a_request_refused_because_the_queue_is_full_is_counted(fresh) -> None:
     assert counted[("mlx_gemma_requests_total", (("reason", "length"),))] == engine.max_batch + 1
 
 
+def test_a_stop_string_in_the_last_token_counts_as_stop(fresh) -> None:
+    """The engine counts a finish before the reader sees the last token; when that token's text holds a
+    stop string, the count says "stop", as the client is told, and no counter ever goes down."""
+    runtime, client = fresh
+    body = {"prompt": "Hello there", "temperature": 0}
+    stop, n = "ok", 1
+    while stop not in client.post("/v1/completions", json={**body, "max_tokens": n}).json()["choices"][0]["text"]:
+        n += 1  # greedy: each answer is the one before and one more token
+        assert n <= 24
+    before = samples(client)
+    for stream in (False, True):
+        with client.stream("POST", "/v1/completions", json={**body, "max_tokens": n, "stop": [stop],
+                                                            "stream": stream}) as response:
+            text = response.read().decode()
+        assert '"finish_reason":"stop"' in text.replace(" ", "")
+    assert client.post("/v1/completions", json={**body, "max_tokens": n, "stop": ["zzz"]}).json()[
+        "choices"][0]["finish_reason"] == "length"
+    after = samples(client)
+    assert {reason: after[("mlx_gemma_requests_total", (("reason", reason),))]
+            - before[("mlx_gemma_requests_total", (("reason", reason),))] for reason in ("stop", "length")} \
+        == {"stop": 2, "length": 1}
+
+
 def test_a_scrape_does_not_wait_for_an_adapter_being_loaded(tiny_dir: Path, tmp_path: Path) -> None:
     runtime = mlx_gemma.load(tiny_dir)
     app = build_app(runtime, Settings(data_dir=tmp_path / "data"))

@@ -532,7 +532,7 @@ def fail_after(runtime: mlx_gemma.Runtime, monkeypatch: pytest.MonkeyPatch, step
     """The runtime's next request ends with RuntimeError after `steps` tokens, as when its engine stops."""
     submit = runtime.submit
 
-    def submit_then_fail(ids, params, lora, emit):
+    def submit_then_fail(ids, params, lora, emit, **options):
         seen, requests = [], []
 
         def emit_or_fail(item):
@@ -542,7 +542,7 @@ def fail_after(runtime: mlx_gemma.Runtime, monkeypatch: pytest.MonkeyPatch, step
                 emit(RuntimeError("the engine stopped"))
             elif len(seen) <= steps:
                 emit(item)
-        requests.append(submit(ids, params, lora, emit_or_fail))
+        requests.append(submit(ids, params, lora, emit_or_fail, **options))
         return requests[0]
     monkeypatch.setattr(runtime, "submit", submit_then_fail)
 

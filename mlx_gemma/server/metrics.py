@@ -30,7 +30,7 @@ class EngineCollector:
         engine = self.service.runtime.engine
         stats = engine.stats
         yield _by_reason("mlx_gemma_requests", "Finished requests by finish reason (stop includes stop strings)",
-                         {reason: 0 for reason in FINISH_REASONS} | dict(stats.requests))
+                         {reason: 0 for reason in FINISH_REASONS} | stats.finished())
         yield _by_reason("mlx_gemma_rejected_requests", "Requests refused at once (HTTP 429), by reason",
                          {"queue_full": 0} | dict(stats.rejected))
         yield CounterMetricFamily("mlx_gemma_prompt_tokens", "Prompt tokens of requests whose prompt was read "

@@ -343,7 +343,7 @@ async def generate(request: Request, chat: bool) -> Response:
     stops = stop_strings(body)
     streaming = flag(body, "stream")
     include_usage = flag(stream_options(body, streaming), "include_usage", "stream_options")
-    stream = service.open_stream(ids, params, lora)
+    stream = service.open_stream(ids, params, lora, stop_strings=bool(stops))
     pieces = stopped_text(stream, await while_connected(request, stream, started(stream)), stops)
     meta = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()), "model": model}
     if streaming:

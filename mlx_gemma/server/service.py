@@ -68,7 +68,8 @@ def adapter_changed(lora: str) -> ApiError:
 class AsyncTextStream:
     """Text pieces of one request, read on the event loop from the engine thread's steps."""
 
-    def __init__(self, runtime: Runtime, ids: list[int], params: GenerationParams, lora: str | None):
+    def __init__(self, runtime: Runtime, ids: list[int], params: GenerationParams, lora: str | None,
+                 stop_strings: bool = False):
         loop = asyncio.get_running_loop()
         self._items: asyncio.Queue[StepOutput | BaseException] = asyncio.Queue()
         self._pieces = Pieces(runtime.tokenizer.detokenizer(), runtime.tokenizer.stop_ids)
@@ -77,7 +78,7 @@ class AsyncTextStream:
         self._adapter = None if lora is None or (fused and lora == fused["name"]) else lora
         self.n_prompt = len(ids)
         emit = lambda item: loop.call_soon_threadsafe(self._items.put_nowait, item)  # noqa: E731
-        self._request = runtime.submit(ids, params, lora, emit)
+        self._request = runtime.submit(ids, params, lora, emit, reader_may_stop=stop_strings)
 
     @property
     def usage(self) -> Usage:
@@ -220,9 +221,11 @@ class Service:
         with _queue_full_as_429():
             self.runtime.engine.check_room()
 
-    def open_stream(self, ids: list[int], params: GenerationParams, lora: str | None) -> AsyncTextStream:
+    def open_stream(self, ids: list[int], params: GenerationParams, lora: str | None,
+                    stop_strings: bool = False) -> AsyncTextStream:
+        """stop_strings: the route looks for them; it ends the stream with `stop()`, or `cancel()` once read."""
         with _queue_full_as_429():
-            return AsyncTextStream(self.runtime, ids, params, lora)
+            return AsyncTextStream(self.runtime, ids, params, lora, stop_strings)
 
 
 @contextlib.contextmanager
