@@ -281,7 +281,7 @@ def check_serve_flags(args: argparse.Namespace, adapters: dict[str, str]) -> soc
         twice = next(name for name in names if names.count(name) > 1)
         raise ValueError(f"--adapter {twice}= is given twice: give each adapter its own name")
     check_adapter_dirs(list(adapters.values()))
-    for name in ("max_batch", "max_queue", "max_resident_adapters", "max_upload_mb"):  # the rank: _positive_arg
+    for name in ("max_batch", "max_queue", "max_resident_adapters", "max_upload_mb"):  # --max-adapter-rank: its type
         value = getattr(args, name)
         if value < 1:
             raise ValueError(f"--{name.replace('_', '-')} {value}: give a positive number")

@@ -147,15 +147,11 @@ class Request:
 
     def cancel(self) -> None:
         """Stop this request at its next step (or before it starts); its slot is freed then."""
-        self.cancelled.set()
-        self._count_held(None)
+        self._end(stopped=False)
 
     def stop(self) -> None:
         """Stop it as `cancel` does, but count it as finished by "stop" (its reader found a stop string)."""
-        with self._ending:
-            self.stopped = True
-        self.cancelled.set()
-        self._count_held("stop")
+        self._end(stopped=True)
 
     def hold_finish(self, reason: str) -> str | None:
         """On the engine thread, at the last token: the finish reason to count now, or None when its
@@ -168,11 +164,14 @@ class Request:
                 return None
             return reason
 
-    def _count_held(self, reason: str | None) -> None:
+    def _end(self, stopped: bool) -> None:
+        """Mark it stopped (before the engine can see it cancelled) and count a finish held for its reader."""
         with self._ending:
+            self.stopped = self.stopped or stopped
             held, self._held = self._held, None
+        self.cancelled.set()
         if held and self.count_held is not None:
-            self.count_held(reason or held)
+            self.count_held("stop" if stopped else held)
 
     @property
     def left_as(self) -> str:
