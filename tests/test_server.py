@@ -116,6 +116,28 @@ def test_stream_events_join_to_the_text_then_usage_then_done(client: TestClient,
     assert response.text.startswith('data: {"response":')
 
 
+
+LINE_BREAKING_TEXT = "a\u2028b\u2029c\x85d"  # str.splitlines breaks lines at each; SSE does not
+
+
+@pytest.mark.parametrize("url, body, text_of", [
+    (RUN, {"prompt": "Tell me"}, lambda event: event["response"]),
+    ("/v1/chat/completions", {"model": "@cf/google/gemma-2b-it-lora", "messages": [{"role": "user", "content": "Hi"}]},
+     lambda event: "".join(choice["delta"].get("content", "") for choice in event["choices"])),
+])
+def test_each_event_stays_one_line_for_line_readers(client: TestClient, monkeypatch, url, body, text_of) -> None:
+    """httpx's iter_lines (httpx-sse, the cloudflare SDK) splits at U+2028, U+2029 and U+0085."""
+    feed = mlx_gemma.runtime.Pieces.feed
+    monkeypatch.setattr(mlx_gemma.runtime.Pieces, "feed",
+                        lambda pieces, step: feed(pieces, step) + (LINE_BREAKING_TEXT if len(pieces.token_ids) == 2 else ""))
+    with client.stream("POST", url, json={**body, "stream": True, **GREEDY}) as response:
+        lines = [line for line in response.iter_lines() if line]
+    assert all(line.startswith("data: ") for line in lines), lines
+    assert lines[-1] == "data: [DONE]"
+    text = "".join(text_of(json.loads(line.removeprefix("data: "))) for line in lines[:-1])
+    assert LINE_BREAKING_TEXT in text and "\\u2028" in "".join(lines)
+
+
 BAD_BODIES = [
     ({}, 'the body needs prompt (a string) or messages (a list of {"role", "content"}), for example {"prompt": "Hello"}'),
     ({"prompt": "a", "messages": [{"role": "user", "content": "b"}]}, "send either prompt or messages, not both"),

@@ -100,9 +100,15 @@ async def read_json(request: Request) -> dict[str, Any]:
     return await asyncio.to_thread(parse_json, raw) if len(raw) > OFF_LOOP_BYTES else parse_json(raw)
 
 
+# Characters JSON leaves raw that line readers built on str.splitlines (httpx's iter_lines, and so
+# httpx-sse and the cloudflare SDK) take for line ends, which would cut an event in two.
+_SPLITLINES_ESCAPES = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
 def sse(data: dict[str, Any] | str) -> bytes:
+    """One server-sent event: `data: <compact JSON>` on a single line, whatever the text holds."""
     text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False, separators=(",", ":"))
-    return f"data: {text}\n\n".encode()
+    return f"data: {text.translate(_SPLITLINES_ESCAPES)}\n\n".encode()
 
 
 async def until_error(events: AsyncIterator[bytes], describe: Callable[[ApiError], dict[str, Any]]
