@@ -35,6 +35,7 @@ from typing import Any, TypeVar
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 from .lora.layers import set_rows
 from .lora.store import AdapterBusyError
@@ -192,19 +193,24 @@ class PrefixCache:
         self.max_bytes = max_bytes
         self.max_prompts = max_prompts
         self.min_match = min_match
-        self._entries: collections.OrderedDict[tuple[str, tuple[int, ...]], list[KVCache]] = collections.OrderedDict()
+        # (adapter key, the prompt's ids as bytes) -> those ids as an array, and the prompt's caches. A lookup
+        # runs on the engine thread between decode steps: bytes keep their hash (a tuple of ids is hashed
+        # again on every visit), and arrays compare without a Python loop.
+        self._entries: collections.OrderedDict[tuple[str, bytes], tuple[np.ndarray, list[KVCache]]] = \
+            collections.OrderedDict()
 
     def lookup(self, key: str, ids: Sequence[int]) -> tuple[int, list[KVCache]] | None:
         """The longest stored prefix of ids[:-1] (at least min_match tokens), as fresh caches."""
         best, best_n = None, self.min_match - 1
-        for entry_key in self._entries:
+        wanted = np.asarray(ids[:-1], dtype=np.int64)
+        for entry_key, (stored, _) in self._entries.items():
             if entry_key[0] == key:
-                n = _common_prefix(entry_key[1], ids, limit=len(ids) - 1)
+                n = _common_prefix(stored, wanted)
                 best, best_n = (entry_key, n) if n > best_n else (best, best_n)
         if best is None:
             return None
         self._entries.move_to_end(best)
-        return best_n, [_cache_prefix(cache, best_n) for cache in self._entries[best]]
+        return best_n, [_cache_prefix(cache, best_n) for cache in self._entries[best][1]]
 
     def clear(self) -> None:
         self._entries.clear()
@@ -216,9 +222,12 @@ class PrefixCache:
         if _nbytes(compact) > self.max_bytes:
             return
         mx.eval([c.state for c in compact])
-        self._entries[(key, tuple(ids))] = compact
-        self._entries.move_to_end((key, tuple(ids)))
-        while len(self._entries) > self.max_prompts or sum(map(_nbytes, self._entries.values())) > self.max_bytes:
+        stored = np.asarray(ids, dtype=np.int64)
+        entry_key = (key, stored.tobytes())
+        self._entries[entry_key] = (stored, compact)
+        self._entries.move_to_end(entry_key)
+        while len(self._entries) > self.max_prompts or \
+                sum(_nbytes(caches) for _, caches in self._entries.values()) > self.max_bytes:
             self._entries.popitem(last=False)
 
 
@@ -226,13 +235,11 @@ def _nbytes(caches: list[KVCache]) -> int:
     return sum(array.nbytes for cache in caches for array in cache.state)
 
 
-def _common_prefix(a: Sequence[int], b: Sequence[int], limit: int) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y or n >= limit:
-            break
-        n += 1
-    return n
+def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:
+    """How many leading tokens a and b share."""
+    n = min(len(a), len(b))
+    differ = np.flatnonzero(a[:n] != b[:n])
+    return int(differ[0]) if differ.size else n
 
 
 def _cache_prefix(cache: KVCache, n: int) -> KVCache:

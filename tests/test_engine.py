@@ -75,6 +75,25 @@ def test_long_prompt_is_prefilled_in_chunks(monkeypatch):
     assert model.calls == [8, 8, 4, 1] and [s.token for s in steps] == [7, 7]
 
 
+def test_the_prefix_cache_reuses_the_longest_stored_prefix_of_the_same_adapter():
+    from mlx_gemma.models.cache import KVCache
+
+    def caches(n: int) -> list[KVCache]:
+        cache = KVCache()
+        cache.update_and_fetch(mx.arange(n, dtype=mx.float32).reshape(1, 1, n, 1), mx.zeros((1, 1, n, 1)))
+        return [cache]
+
+    prefixes = engine.PrefixCache()
+    prefixes.store("base", list(range(60)), caches(60))
+    prefixes.store("base", list(range(30)) + [999] * 30, caches(60))
+    reused, (cache,) = prefixes.lookup("base", list(range(60)))  # the same prompt: its last token is read again
+    assert reused == 59 and cache.offset == 59 and cache.keys[0, 0, :, 0].tolist() == list(range(59))
+    assert prefixes.lookup("base", list(range(41)))[0] == 40
+    assert prefixes.lookup("base", list(range(30)) + [999] * 10)[0] == 39
+    assert prefixes.lookup("adapter-hash", list(range(60))) is None  # another adapter's prompt
+    assert prefixes.lookup("base", list(range(7)) + [5] * 20) is None  # fewer than min_match (8) shared
+
+
 def test_the_prefix_cache_is_bounded_in_bytes():
     from mlx_gemma.models.cache import KVCache
 
