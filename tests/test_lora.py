@@ -449,3 +449,32 @@ def test_rows_with_different_adapters_match_each_adapter_alone(dtype: mx.Dtype) 
         alone = layer(x[row:row + 1])
         assert together.dtype == dtype
         assert mx.array_equal(together[row:row + 1], alone).item(), (row, slot)
+
+
+@pytest.mark.parametrize("rows", [[1, 1], [1, 0], [2, 1]])
+def test_a_layer_follows_its_adapters_changing_under_unchanged_rows(rows: list[int]) -> None:
+    """A layer keeps its choice of path while the rows stay the same; replacing or removing an
+    adapter under those rows must still take effect at the next call."""
+    import mlx.nn as nn
+    from mlx_gemma.lora.adapters import LoRAWeights
+
+    base = nn.Linear(8, 6, bias=False)
+    base.weight = _normal(6, 8, seed=0)
+    context = LoRAContext()
+    layer = LoRALinear(base, context)
+    adapters = {seed: LoRAWeights(_normal(8, 2, seed=seed), _normal(2, 6, seed=seed + 1), 1.0) for seed in (1, 3, 5)}
+    layer.add(2, adapters[5], mx.float32)
+    x = _normal(2, 1, 8, seed=7)
+    context.set(rows)
+
+    def expected(slot_weights: dict[int, LoRAWeights]) -> np.ndarray:
+        out = [x[i] @ base.weight.T + ((x[i] @ slot_weights[s].a) @ slot_weights[s].b if s in slot_weights else 0)
+               for i, s in enumerate(rows)]
+        return np.array(mx.stack(out))
+
+    for weights in (adapters[1], adapters[3]):
+        np.testing.assert_allclose(np.array(layer(x)), expected({2: adapters[5]}), rtol=1e-5, atol=1e-5)
+        layer.add(1, weights, mx.float32)
+        np.testing.assert_allclose(np.array(layer(x)), expected({1: weights, 2: adapters[5]}), rtol=1e-5, atol=1e-5)
+        layer.remove(1)
+    np.testing.assert_allclose(np.array(layer(x)), expected({2: adapters[5]}), rtol=1e-5, atol=1e-5)

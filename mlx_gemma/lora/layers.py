@@ -11,6 +11,8 @@ Contract:
   with different adapters share one forward pass. On a plain float linear the delta is added
   inside the base product (`addmm`); a batch of rows is folded into one matrix first when the
   weight is large enough that reading it once per row would cost more (ADDMM_BATCH_BYTES).
+  Each layer picks among base, one adapter and mixed rows once per change of rows (the
+  context's `version`) or of its adapters, and keeps the chosen function for the calls after.
 - `fuse(model, adapter)` merges an adapter into the weights in float32 (zero serving
   overhead). A quantized base layer is dequantized and stays unquantized: the function returns
   how many layers that was, so callers can say so; the delta is never dropped or silently
@@ -19,7 +21,7 @@ Contract:
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import mlx.core as mx
@@ -35,13 +37,14 @@ class LoRAContext:
         self.single: int = 0  # every row on this slot (0 = no adapter)
         self.rows: mx.array | None = None  # per-row slots when they differ
         self.batch: mx.array | None = None  # 0..B-1, the row each output comes from
+        self.version = 0  # changes with the rows: layers rebuild their call plan when it does
         self._within: dict[int, mx.array] = {}
         self._slots: tuple[int, ...] = ()
 
     def set(self, slots: Sequence[int]) -> None:
         if tuple(slots) == self._slots:
-            return  # the same rows as the last step: keep the index arrays already built
-        self._slots, self._within = tuple(slots), {}
+            return  # the same rows as the last step: keep the index arrays and call plans already built
+        self._slots, self._within, self.version = tuple(slots), {}, self.version + 1
         if len(set(slots)) <= 1:
             self.single, self.rows, self.batch = (slots[0] if slots else 0), None, None
         else:
@@ -105,18 +108,19 @@ class LoRALinear(nn.Module):
         # The weight's transpose is a view (no copy), made once rather than as a graph node per call.
         weight_t = base.weight.T if type(base) is nn.Linear and "bias" not in base else None
         _plain(self, _context=context, _adapters={}, _batched={}, _stacked=None, _mixed=None, _weight_t=weight_t,
-               _addmm_matrices=max(1, ADDMM_BATCH_BYTES // weight_t.nbytes) if weight_t is not None else 0)
+               _addmm_matrices=max(1, ADDMM_BATCH_BYTES // weight_t.nbytes) if weight_t is not None else 0,
+               _plan=None, _plan_version=-1)
 
     def add(self, slot: int, weights: LoRAWeights, dtype: mx.Dtype) -> None:
         a, b = weights.a.astype(dtype), weights.b.astype(dtype)
         self._adapters[slot] = LoRAWeights(a, b, weights.scale)
         self._batched[slot] = (a[None], b[None])  # views, so a (1, T, in) input multiplies without reshapes
-        _plain(self, _stacked=None, _mixed=None)
+        _plain(self, _stacked=None, _mixed=None, _plan=None)
 
     def remove(self, slot: int) -> None:
         self._adapters.pop(slot, None)
         self._batched.pop(slot, None)
-        _plain(self, _stacked=None, _mixed=None)
+        _plain(self, _stacked=None, _mixed=None, _plan=None)
 
     @property
     def is_empty(self) -> bool:
@@ -137,9 +141,48 @@ class LoRALinear(nn.Module):
         return self._stacked
 
     def __call__(self, x: mx.array) -> mx.array:
-        delta = self._delta(x)
-        if delta is None:
-            return self.base(x)
+        if self._plan is None or self._plan_version != self._context.version:
+            _plain(self, _plan=self._make_plan(), _plan_version=self._context.version)
+        return self._plan(x)
+
+    def _make_plan(self) -> Callable[[mx.array], mx.array]:
+        """What every call runs until the rows or the adapters change. A decode step calls each layer
+        once per token, and on a small model the Python of a call is a visible part of the step, so
+        the choice between base, one adapter and mixed rows is made here, once."""
+        context = self._context
+        if context.single < 0:
+            return self._mixed_plan()
+        weights = self._adapters.get(context.single)
+        if weights is None:
+            weight_t = self._weight_t
+            return self.base if weight_t is None else lambda x: x @ weight_t
+        a, b = weights.a, weights.b
+        a_one, b_one = self._batched[context.single]
+        weight_t = self._weight_t
+
+        def one_adapter(x: mx.array) -> mx.array:
+            if weight_t is not None and x.ndim == 3 and x.shape[0] == 1:  # a prompt, or a lone decode row
+                return mx.addmm((x @ a_one) @ b_one, x, weight_t)
+            return self._with_delta(x, (x @ a) @ b)
+        return one_adapter
+
+    def _mixed_plan(self) -> Callable[[mx.array], mx.array]:
+        mixed = self._mixed
+        if mixed is None or mixed.for_rows is not self._context.rows:
+            mixed = _Mixed(self._context, self._stack())
+            _plain(self, _mixed=mixed)
+        a, b, rows, batch = mixed.a, mixed.b, mixed.rows, mixed.batch
+        weight_t, most_matrices = self._weight_t, self._addmm_matrices
+
+        def mixed_rows(x: mx.array) -> mx.array:
+            if weight_t is None or x.dtype != a.dtype or x.ndim != 3 or x.shape[0] > most_matrices:
+                return self._with_delta(x, mixed.delta(x))
+            h = mx.gather_mm(x, a, lhs_indices=batch, rhs_indices=rows)  # decode rows: (B, 1, in)
+            return mx.addmm(mx.gather_mm(h, b, lhs_indices=batch, rhs_indices=rows), x, weight_t)
+        return mixed_rows
+
+    def _with_delta(self, x: mx.array, delta: mx.array) -> mx.array:
+        """The base product of x plus delta: inside the product (addmm) on a plain float linear."""
         if self._weight_t is None:
             return self.base(x) + delta
         matrices = x.size // (x.shape[-2] * x.shape[-1]) if x.ndim > 2 else 1
@@ -148,22 +191,6 @@ class LoRALinear(nn.Module):
         # addmm on a batch of matrices reads the weight once per matrix: fold the rows into one
         out = mx.addmm(delta.reshape(-1, delta.shape[-1]), x.reshape(-1, x.shape[-1]), self._weight_t)
         return out.reshape(*x.shape[:-1], out.shape[-1])
-
-    def _delta(self, x: mx.array) -> mx.array | None:
-        """x @ a @ b of each row's adapter; None when no row of the batch has one here."""
-        context = self._context
-        if context.single >= 0:
-            weights = self._adapters.get(context.single)
-            if weights is None:
-                return None
-            one_matrix = x.ndim == 3 and x.shape[0] == 1  # a prompt, or a lone decode row
-            a, b = self._batched[context.single] if one_matrix else (weights.a, weights.b)
-            return (x @ a) @ b
-        mixed = self._mixed
-        if mixed is None or mixed.for_rows is not context.rows:
-            mixed = _Mixed(context, self._stack())
-            _plain(self, _mixed=mixed)
-        return mixed.delta(x)
 
 
 def context_of(model: nn.Module) -> LoRAContext:
