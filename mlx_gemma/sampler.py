@@ -37,8 +37,8 @@ Everything is lazy: ``sample`` never evaluates anything; it returns the
 tokens as a lazy int32 array and updates each row's key and output counts
 as lazy arrays, so a caller can pipeline steps with ``mx.async_eval``.
 Only the full-vocabulary sort needed by a top_p without top_k is
-O(V log V); top_k works on ``mx.topk`` candidates, and a batch of plain
-greedy rows is one ``mx.argmax``.
+O(V log V), and only the rows with such a top_p pay it; top_k works on
+``mx.topk`` candidates, and a batch of plain greedy rows is one ``mx.argmax``.
 """
 
 from __future__ import annotations
@@ -252,11 +252,31 @@ def _sorted_candidates(logits: mx.array, rows: Sequence[RowSampler]) -> mx.array
     return mx.sort(mx.topk(logits, widest_k, axis=-1), axis=-1)[:, ::-1]
 
 
+def _filter_groups(rows: Sequence[RowSampler]) -> list[list[int]]:
+    """The rows that top_k/top_p filter, split by the work they need: a row with top_p alone needs
+    the whole vocabulary sorted, a row with top_k only its k best. Each group is computed apart,
+    so one request's top_p does not sort the vocabulary of every row in the batch."""
+    whole = [i for i, row in enumerate(rows) if row.top_p is not None and row.top_k is None]
+    best_k = [i for i, row in enumerate(rows) if row.top_k is not None]
+    return [group for group in (whole, best_k) if group]
+
+
 def _apply_top_k_top_p(logits: mx.array, rows: Sequence[RowSampler]) -> mx.array:
     """Set to -inf every logit below the row's last kept candidate."""
-    filtered = [row.top_k is not None or row.top_p is not None for row in rows]
-    if not any(filtered):
+    groups = _filter_groups(rows)
+    if not groups:
         return logits
+    if len(groups) == 1 and len(groups[0]) == len(rows):  # every row filtered alike: no gather, no scatter
+        return mx.where(logits >= _thresholds(logits, rows), logits, _NEG_INF)
+    threshold = mx.full((len(rows), 1), _NEG_INF, dtype=logits.dtype)
+    for group in groups:
+        index = mx.array(group, mx.int32)
+        threshold[index] = _thresholds(logits[index], [rows[i] for i in group])
+    return mx.where(logits >= threshold, logits, _NEG_INF)
+
+
+def _thresholds(logits: mx.array, rows: Sequence[RowSampler]) -> mx.array:
+    """(B, 1): each row's last kept logit, for rows that all have top_k or top_p."""
     candidates = _sorted_candidates(logits, rows)
     width = candidates.shape[-1]
     ks = mx.array([row.top_k or width for row in rows], mx.int32)[:, None]
@@ -267,9 +287,7 @@ def _apply_top_k_top_p(logits: mx.array, rows: Sequence[RowSampler]) -> mx.array
         top_ps = mx.array([row.top_p if row.top_p is not None else 2.0 for row in rows])[:, None]
         kept = kept & (mx.cumsum(_top_k_probs(logits, candidates, kth), axis=-1, inclusive=False) < top_ps)
     kept_count = mx.maximum(kept.sum(axis=-1, keepdims=True), 1)
-    threshold = mx.take_along_axis(candidates, kept_count - 1, axis=-1)
-    threshold = mx.where(mx.array(filtered)[:, None], threshold, _NEG_INF)
-    return mx.where(logits >= threshold, logits, _NEG_INF)
+    return mx.take_along_axis(candidates, kept_count - 1, axis=-1)
 
 
 def _top_k_probs(logits: mx.array, candidates: mx.array, kth: mx.array) -> mx.array:

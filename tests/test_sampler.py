@@ -299,6 +299,36 @@ def test_mixed_batch_rows_are_processed_independently():
     np.testing.assert_allclose(out[3], np.array(BASE) / 2)
 
 
+def test_only_rows_with_top_p_alone_sort_the_whole_vocabulary(monkeypatch):
+    """A batch where one row has top_p without top_k: that row alone is sorted over the whole
+    vocabulary (a 256k-token sort per row is the dearest step of sampling), the top_k rows over
+    their k best, and every row still gets what it would get alone."""
+    sorted_shapes = []
+
+    class RecordingMx:
+        def __getattr__(self, name):
+            return getattr(mx, name)
+
+        @staticmethod
+        def sort(a, *args, **kwargs):
+            sorted_shapes.append(tuple(a.shape))
+            return mx.sort(a, *args, **kwargs)
+
+    vocab = 40
+    logits = [[math.sin(3 * i + r) * (r + 1) for i in range(vocab)] for r in range(5)]
+    rows = [row(vocab_size=vocab, temperature=0.5),
+            row(vocab_size=vocab, temperature=1, top_p=0.6),
+            row(vocab_size=vocab, temperature=0.7, top_k=3),
+            row(vocab_size=vocab, temperature=0),
+            row(vocab_size=vocab, temperature=1.3, top_k=5, top_p=0.8)]
+    alone = [processed([x], [r])[0] for x, r in zip(logits, rows)]
+    monkeypatch.setattr(sampler_module, "mx", RecordingMx())
+    together = processed(logits, rows)
+    np.testing.assert_array_equal(together, np.stack(alone))
+    assert sorted(sorted_shapes) == [(1, vocab), (2, 5)]  # row 1 whole; rows 2 and 4 their widest k
+    assert kept_tokens(together[1]) == kept_tokens(alone[1]) and 0 < len(kept_tokens(together[1])) < vocab
+
+
 def test_logits_shape_must_match_rows():
     with pytest.raises(ValueError, match="does not match 2 rows"):
         process_logits(mx.zeros((3, 6)), [row(), row()])
