@@ -478,3 +478,29 @@ def test_a_layer_follows_its_adapters_changing_under_unchanged_rows(rows: list[i
         np.testing.assert_allclose(np.array(layer(x)), expected({1: weights, 2: adapters[5]}), rtol=1e-5, atol=1e-5)
         layer.remove(1)
     np.testing.assert_allclose(np.array(layer(x)), expected({2: adapters[5]}), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [[0], [1], [1, 2]])
+def test_a_called_layer_is_freed_without_waiting_for_the_cycle_collector(rows: list[int]) -> None:
+    """The function a layer keeps for its rows must not hold the layer itself: a dropped model's
+    weights are freed at once, not at the next garbage-collection pass."""
+    import gc
+    import weakref
+
+    import mlx.nn as nn
+    from mlx_gemma.lora.adapters import LoRAWeights
+
+    base = nn.Linear(8, 6, bias=False)
+    context = LoRAContext()
+    layer = LoRALinear(base, context)
+    for slot in (1, 2):
+        layer.add(slot, LoRAWeights(_normal(8, 2, seed=slot), _normal(2, 6, seed=slot + 2), 1.0), mx.float32)
+    context.set(rows)
+    mx.eval(layer(_normal(len(rows), 1, 8, seed=9)))
+    alive = weakref.ref(layer)
+    gc.disable()
+    try:
+        del layer
+        assert alive() is None
+    finally:
+        gc.enable()

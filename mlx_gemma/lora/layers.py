@@ -158,12 +158,12 @@ class LoRALinear(nn.Module):
             return self.base if weight_t is None else lambda x: x @ weight_t
         a, b = weights.a, weights.b
         a_one, b_one = self._batched[context.single]
-        weight_t = self._weight_t
+        base, weight_t, most_matrices = self.base, self._weight_t, self._addmm_matrices  # no `self`: no cycle
 
         def one_adapter(x: mx.array) -> mx.array:
-            if weight_t is not None and x.ndim == 3 and x.shape[0] == 1:  # a prompt, or a lone decode row
-                return mx.addmm((x @ a_one) @ b_one, x, weight_t)
-            return self._with_delta(x, (x @ a) @ b)
+            one_matrix = x.ndim == 3 and x.shape[0] == 1  # a prompt, or a lone decode row
+            delta = (x @ a_one) @ b_one if one_matrix else (x @ a) @ b
+            return _with_delta(x, delta, base, weight_t, most_matrices)
         return one_adapter
 
     def _mixed_plan(self) -> Callable[[mx.array], mx.array]:
@@ -172,25 +172,27 @@ class LoRALinear(nn.Module):
             mixed = _Mixed(self._context, self._stack())
             _plain(self, _mixed=mixed)
         a, b, rows, batch = mixed.a, mixed.b, mixed.rows, mixed.batch
-        weight_t, most_matrices = self._weight_t, self._addmm_matrices
+        base, weight_t, most_matrices = self.base, self._weight_t, self._addmm_matrices
 
         def mixed_rows(x: mx.array) -> mx.array:
             if weight_t is None or x.dtype != a.dtype or x.ndim != 3 or x.shape[0] > most_matrices:
-                return self._with_delta(x, mixed.delta(x))
+                return _with_delta(x, mixed.delta(x), base, weight_t, most_matrices)
             h = mx.gather_mm(x, a, lhs_indices=batch, rhs_indices=rows)  # decode rows: (B, 1, in)
             return mx.addmm(mx.gather_mm(h, b, lhs_indices=batch, rhs_indices=rows), x, weight_t)
         return mixed_rows
 
-    def _with_delta(self, x: mx.array, delta: mx.array) -> mx.array:
-        """The base product of x plus delta: inside the product (addmm) on a plain float linear."""
-        if self._weight_t is None:
-            return self.base(x) + delta
-        matrices = x.size // (x.shape[-2] * x.shape[-1]) if x.ndim > 2 else 1
-        if matrices <= self._addmm_matrices:
-            return mx.addmm(delta, x, self._weight_t)  # the add rides on the base matmul
-        # addmm on a batch of matrices reads the weight once per matrix: fold the rows into one
-        out = mx.addmm(delta.reshape(-1, delta.shape[-1]), x.reshape(-1, x.shape[-1]), self._weight_t)
-        return out.reshape(*x.shape[:-1], out.shape[-1])
+
+def _with_delta(x: mx.array, delta: mx.array, base: Any, weight_t: mx.array | None, most_matrices: int) -> mx.array:
+    """The base product of x plus delta: inside the product (`addmm`) on a plain float linear, with
+    a batch of rows folded into one matrix when there are more than `most_matrices` of them."""
+    if weight_t is None:
+        return base(x) + delta
+    matrices = x.size // (x.shape[-2] * x.shape[-1]) if x.ndim > 2 else 1
+    if matrices <= most_matrices:
+        return mx.addmm(delta, x, weight_t)  # the add rides on the base matmul
+    # addmm on a batch of matrices reads the weight once per matrix: fold the rows into one
+    out = mx.addmm(delta.reshape(-1, delta.shape[-1]), x.reshape(-1, x.shape[-1]), weight_t)
+    return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
 def context_of(model: nn.Module) -> LoRAContext:
