@@ -104,10 +104,9 @@ LOWER_IS_BETTER_UNITS = frozenset({"s", "GB"})
 
 def advantage(row: dict) -> tuple[str, float]:
     """The bar's label and value: ours / reference, or reference / ours where less is better."""
-    name = f"{row['name']} / {row['reference_name']}"
     if row.get("unit") in LOWER_IS_BETTER_UNITS:
         return f"{row['reference_name']} / {row['name']} (less is better)", 1 / row["ratio"]
-    return name, row["ratio"]
+    return f"{row['name']} / {row['reference_name']}", row["ratio"]
 
 
 def write_plot(report: dict, path: str) -> None:

@@ -171,15 +171,8 @@ class LoRALinear(nn.Module):
         if mixed is None or mixed.for_rows is not self._context.rows:
             mixed = _Mixed(self._context, self._stack())
             _plain(self, _mixed=mixed)
-        a, b, rows, batch = mixed.a, mixed.b, mixed.rows, mixed.batch
         base, weight_t, most_matrices = self.base, self._weight_t, self._addmm_matrices
-
-        def mixed_rows(x: mx.array) -> mx.array:
-            if weight_t is None or x.dtype != a.dtype or x.ndim != 3 or x.shape[0] > most_matrices:
-                return _with_delta(x, mixed.delta(x), base, weight_t, most_matrices)
-            h = mx.gather_mm(x, a, lhs_indices=batch, rhs_indices=rows)  # decode rows: (B, 1, in)
-            return mx.addmm(mx.gather_mm(h, b, lhs_indices=batch, rhs_indices=rows), x, weight_t)
-        return mixed_rows
+        return lambda x: _with_delta(x, mixed.delta(x), base, weight_t, most_matrices)
 
 
 def _with_delta(x: mx.array, delta: mx.array, base: Any, weight_t: mx.array | None, most_matrices: int) -> mx.array:
